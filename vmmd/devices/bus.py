@@ -1,0 +1,115 @@
+"""Address buses for port I/O and MMIO that refuse overlapping ranges.
+
+Modelled on Firecracker's vstate/bus.rs and kvmtool's mmio.c: `insert(device,
+base, length)` rejects empty or overlapping ranges; a device is handed the
+offset into its own range, never the absolute address. Reads of unmapped
+addresses return all ones, as an ISA bus with nothing driving it does; writes
+there are dropped and counted.
+
+Both buses serve KVM_EXIT_IO / KVM_EXIT_MMIO and the GHCB IOIO / MMIO events, so
+a device behaves the same whichever way the guest reached it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Protocol
+
+from vmmd.errors import VmmdError
+
+
+class Device(Protocol):
+    """What a bus calls. `size` is 1, 2, 4 (ports) or 1..8 (MMIO); values are little-endian ints."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class BusError(VmmdError):
+    """A device registration that would overlap another or is empty."""
+
+
+def all_ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
+
+
+class Bus:
+    """Ranges [base, base+length) mapped to devices; lookups by bisection."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit  # one past the highest address (0x10000 for ports)
+        self._bases: list[int] = []
+        self._entries: list[tuple[int, int, Device]] = []  # (base, end, device), sorted by base
+        self.unmapped_reads = 0
+        self.unmapped_writes = 0
+
+    def insert(self, device: Device, base: int, length: int) -> None:
+        end = base + length
+        if length <= 0 or base < 0 or end > self.limit:
+            raise BusError(f"{self.name} bus: range {base:#x}+{length:#x} is empty or outside 0..{self.limit:#x}")
+        for other_base, other_end, other in self._entries:
+            if base < other_end and other_base < end:
+                raise BusError(f"{self.name} bus: {type(device).__name__} at {base:#x}+{length:#x} overlaps "
+                               f"{type(other).__name__} at {other_base:#x}..{other_end:#x}")
+        index = bisect.bisect(self._bases, base)
+        self._bases.insert(index, base)
+        self._entries.insert(index, (base, end, device))
+
+    def lookup(self, address: int, size: int) -> tuple[Device, int] | None:
+        """(device, offset) owning the whole access [address, address+size), else None."""
+        index = bisect.bisect_right(self._bases, address) - 1
+        if index >= 0:
+            base, end, device = self._entries[index]
+            if address + size <= end:
+                return device, address - base
+        return None
+
+    def read(self, address: int, size: int) -> int:
+        found = self.lookup(address, size)
+        if found is None:
+            self.unmapped_reads += 1
+            return all_ones(size)
+        device, offset = found
+        return device.read(offset, size) & all_ones(size)
+
+    def write(self, address: int, size: int, value: int) -> None:
+        found = self.lookup(address, size)
+        if found is None:
+            self.unmapped_writes += 1
+            return
+        device, offset = found
+        device.write(offset, size, value & all_ones(size))
+
+    def devices(self) -> list[tuple[int, int, Device]]:
+        return list(self._entries)
+
+
+class PortBus(Bus):
+    """The 64 KiB x86 I/O port space, with a per-port table for the exit hot path."""
+
+    def __init__(self) -> None:
+        super().__init__("port I/O", 0x10000)
+        self.by_port: dict[int, tuple[Device, int]] = {}
+
+    def insert(self, device: Device, base: int, length: int) -> None:
+        super().insert(device, base, length)
+        for port in range(base, base + length):
+            self.by_port[port] = (device, base)
+
+    def lookup(self, address: int, size: int) -> tuple[Device, int] | None:
+        entry = self.by_port.get(address)
+        if entry is None:
+            return None
+        device, base = entry
+        if self.by_port.get(address + size - 1, (None,))[0] is not device:
+            return None  # access straddles the device's end
+        return device, address - base
+
+
+class MmioBus(Bus):
+    """The guest-physical MMIO space (addresses not backed by RAM)."""
+
+    def __init__(self) -> None:
+        super().__init__("MMIO", 1 << 52)

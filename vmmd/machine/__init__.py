@@ -1,0 +1,1 @@
+"""The machine: configuration, loaders, platforms and the vCPU run loop."""

@@ -1,0 +1,28 @@
+"""Fixed guest-physical layout of a flat 64-bit firmware guest, and fixed ports.
+
+The firmware side reads all of this from the boot-info page (firmware/include/
+bootinfo.h); nothing in the guest hard-codes these addresses.
+"""
+
+BOOTINFO_GPA = 0x1000
+GDT_GPA = 0x2000
+PML4_GPA = 0x3000
+PDPT_GPA = 0x4000  # first PDPT (0..512 GiB)
+PT_LOW_GPA = 0x5000  # 4 KiB pages for the first 2 MiB
+PD_BASE_GPA = 0x6000  # page directories, one per GiB mapped, up to 0xFFFF (10 GiB)
+MAX_PD_PAGES = 10
+GHCB_BASE_GPA = 0x10000  # GHCB page of vCPU n at GHCB_BASE_GPA + n * 4096
+MAX_VCPUS = 16
+SHARED_GPA = 0x20000  # shared buffers for devices (virtio rings) on SEV platforms
+SHARED_SIZE = 0x40000
+STACKS_GPA = 0x60000  # vCPU n's stack: [STACKS_GPA + n*STACK_SIZE, + STACK_SIZE)
+STACK_SIZE = 0x4000
+FIRMWARE_LOAD_GPA = 0x100000  # flat images load and start here
+
+CONSOLE_PORT = 0x3F8  # COM1, 8 registers
+DEBUG_EXIT_PORT = 0x501  # QEMU isa-debug-exit default iobase, 2 ports wide
+DOORBELL_PORT = 0x0E80  # sev-es-emu VMGEXIT doorbell (advertised in CPUID 0x40000101 EAX)
+
+# GDT selectors
+CODE64_SELECTOR = 0x08
+DATA_SELECTOR = 0x10
