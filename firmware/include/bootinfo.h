@@ -57,6 +57,8 @@ struct vmmd_bootinfo {
 	uint32_t c_bit;            /* SEV C-bit position (CPUID 0x8000001F EBX[5:0]), 0 when not encrypted */
 	uint32_t mem_range_count;  /* valid entries in mem_ranges */
 	struct vmmd_mem_range mem_ranges[VMMD_MAX_MEM_RANGES];
+	uint64_t guest_arg;        /* `vmctl run --guest-arg N`: a number for test and benchmark guests */
+	uint64_t mmio_testdev_gpa; /* vmmd-testdev MMIO scratch page (reads return what was written) */
 };
 
 #endif /* VMMD_BOOTINFO_H */

@@ -26,3 +26,6 @@ DOORBELL_PORT = 0x0E80  # sev-es-emu VMGEXIT doorbell (advertised in CPUID 0x400
 # GDT selectors
 CODE64_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
+
+MMIO_TESTDEV_GPA = 0xFEB0_0000  # vmmd-testdev: one 4 KiB MMIO scratch page (below the IOAPIC at 0xFEC00000)
+MMIO_TESTDEV_SIZE = 0x1000

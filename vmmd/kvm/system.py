@@ -1,0 +1,372 @@
+"""The three KVM file-descriptor kinds: Kvm (/dev/kvm), Vm and Vcpu.
+
+Each method is one ioctl (Documentation/virt/kvm/api.rst) with errors turned into
+KvmError messages that name the operation, the errno and what to do. `Vcpu.run()`
+only decodes kvm_run into an exit value (vmmd.kvm.exits); it interprets nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+from vmmd.errors import VmmdError
+from vmmd.kvm import exits
+from vmmd.kvm import ioctls as io
+from vmmd.kvm import uapi
+from vmmd.memory import GuestMemory
+
+KVM_DEVICE = "/dev/kvm"
+TSS_ADDR_GPA = 0xFFFB_D000  # QEMU's choice: 3 pages just below the BIOS, needed by VMX without unrestricted guest
+IDENTITY_MAP_GPA = 0xFFFB_C000
+
+
+class KvmError(VmmdError):
+    """An ioctl on a KVM fd failed."""
+
+    def __init__(self, operation: str, err: OSError, hint: str = "") -> None:
+        self.operation = operation
+        self.errno = err.errno
+        name = errno.errorcode.get(err.errno or 0, str(err.errno))
+        super().__init__(f"{operation} failed: {name} ({os.strerror(err.errno or 0)})" + (f"; {hint}" if hint else ""))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_ioctl_ulong = _libc.ioctl
+_libc_ioctl_ulong.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
+_libc_ioctl_ulong.restype = ctypes.c_int
+
+
+def _ioctl_ulong(fd: int, request: int, value: int, operation: str) -> int:
+    """An ioctl whose argument is an unsigned long value (fcntl.ioctl only passes a C int)."""
+    ret = _libc_ioctl_ulong(fd, request, value)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise KvmError(operation, OSError(err, os.strerror(err)))
+    return ret
+
+
+def _ioctl(fd: int, request: int, arg, operation: str, hint: str = "") -> int:
+    try:
+        return fcntl.ioctl(fd, request, arg)
+    except OSError as err:
+        raise KvmError(operation, err, hint) from None
+
+
+class Kvm:
+    """/dev/kvm: the system fd."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VmmdError(f"{path} does not exist: load the KVM module (modprobe kvm_amd or kvm_intel) and make "
+                            "sure virtualization is enabled in the firmware setup") from None
+        except PermissionError:
+            raise VmmdError(f"{path} is not accessible to this user: run as root or add the user to the group "
+                            f"that owns {path} (usually 'kvm': usermod -aG kvm $USER, then log in again)") from None
+        version = fcntl.ioctl(self.fd, io.KVM_GET_API_VERSION)
+        if version != uapi.KVM_API_VERSION:
+            os.close(self.fd)
+            raise VmmdError(f"KVM API version is {version}, vmmd needs {uapi.KVM_API_VERSION}: the kernel is too "
+                            "old or not Linux KVM")
+        self.vcpu_mmap_size = fcntl.ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE)
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when unsupported, else a capability-specific positive value."""
+        try:
+            return fcntl.ioctl(self.fd, io.KVM_CHECK_EXTENSION, cap)
+        except OSError:
+            return 0
+
+    def get_supported_cpuid(self) -> list[uapi.kvm_cpuid_entry2]:
+        """KVM_GET_SUPPORTED_CPUID, growing the buffer while the kernel says E2BIG."""
+        count = 64
+        while True:
+            buf = uapi.cpuid2_buffer(count)
+            try:
+                fcntl.ioctl(self.fd, io.KVM_GET_SUPPORTED_CPUID, buf)
+            except OSError as err:
+                if err.errno == errno.E2BIG and count < 4096:
+                    count *= 2
+                    continue
+                raise KvmError("KVM_GET_SUPPORTED_CPUID", err) from None
+            return [uapi.kvm_cpuid_entry2.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+    def get_device_attr(self, group: int, attr: int) -> int | None:
+        """KVM_GET_DEVICE_ATTR on /dev/kvm (e.g. KVM_X86_GRP_SEV); None when the kernel lacks the attribute."""
+        value = ctypes.c_uint64(0)
+        req = uapi.kvm_device_attr(flags=0, group=group, attr=attr, addr=ctypes.addressof(value))
+        try:
+            fcntl.ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, req)
+        except OSError:
+            return None
+        return value.value
+
+    def create_vm(self, vm_type: int = 0) -> "Vm":
+        try:
+            fd = fcntl.ioctl(self.fd, io.KVM_CREATE_VM, vm_type)
+        except OSError as err:
+            hint = "this VM type is not supported by the host (see `vmctl host`)" if vm_type else ""
+            raise KvmError(f"KVM_CREATE_VM(type={vm_type})", err, hint) from None
+        return Vm(self, fd, vm_type)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vm:
+    """A VM fd: memory slots, in-kernel devices, capabilities, vCPUs."""
+
+    def __init__(self, kvm: Kvm, fd: int, vm_type: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.vm_type = vm_type
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self._msr_filter_bitmaps: list = []  # kept alive while KVM may read them
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> None:
+        region = uapi.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size,
+                                                  userspace_addr=hva)
+        _ioctl(self.fd, io.KVM_SET_USER_MEMORY_REGION, region, f"KVM_SET_USER_MEMORY_REGION(slot {slot}, {gpa:#x})")
+
+    def add_memory(self, memory: GuestMemory) -> None:
+        """Register every slot of `memory` with KVM."""
+        for slot in memory.slots:
+            flags = uapi.KVM_MEM_READONLY if slot.read_only else 0
+            self.set_user_memory_region(slot.slot, slot.gpa, slot.size, slot.hva, flags)
+        self.memory = memory
+
+    def set_tss_addr(self, gpa: int = TSS_ADDR_GPA) -> None:
+        _ioctl_ulong(self.fd, io.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, io.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        _ioctl(self.fd, io.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=0), "KVM_CREATE_PIT2")
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        req = uapi.kvm_enable_cap(cap=cap)
+        for i, value in enumerate(args):
+            req.args[i] = value
+        _ioctl(self.fd, io.KVM_ENABLE_CAP, req, f"KVM_ENABLE_CAP({cap})")
+
+    def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], default_deny: bool = False) -> None:
+        """KVM_X86_SET_MSR_FILTER. Each range: (flags, base, nmsrs, bitmap) where a 0 bit denies (-> user exit)."""
+        flt = uapi.kvm_msr_filter(flags=uapi.KVM_MSR_FILTER_DEFAULT_DENY if default_deny else 0)
+        keep = []
+        for i, (flags, base, nmsrs, bitmap) in enumerate(ranges):
+            buf = (ctypes.c_uint8 * len(bitmap)).from_buffer_copy(bitmap)
+            keep.append(buf)
+            flt.ranges[i] = uapi.kvm_msr_filter_range(flags=flags, nmsrs=nmsrs, base=base,
+                                                      bitmap=ctypes.cast(buf, ctypes.POINTER(ctypes.c_uint8)))
+        _ioctl(self.fd, io.KVM_X86_SET_MSR_FILTER, flt, "KVM_X86_SET_MSR_FILTER")
+        self._msr_filter_bitmaps = keep
+
+    def get_device_attr(self, group: int, attr: int) -> int | None:
+        value = ctypes.c_uint64(0)
+        req = uapi.kvm_device_attr(flags=0, group=group, attr=attr, addr=ctypes.addressof(value))
+        try:
+            fcntl.ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, req)
+        except OSError:
+            return None
+        return value.value
+
+    def memory_encrypt_op(self, data: ctypes.Structure) -> None:
+        """KVM_MEMORY_ENCRYPT_OP with a struct kvm_sev_cmd (its `error` field receives the firmware status)."""
+        fcntl.ioctl(self.fd, io.KVM_MEMORY_ENCRYPT_OP, data)
+
+    def memory_encrypt_reg_region(self, hva: int, size: int) -> None:
+        _ioctl(self.fd, io.KVM_MEMORY_ENCRYPT_REG_REGION, uapi.kvm_enc_region(addr=hva, size=size),
+               "KVM_MEMORY_ENCRYPT_REG_REGION", "raise RLIMIT_MEMLOCK (LimitMEMLOCK=) to cover guest RAM")
+
+    def memory_encrypt_unreg_region(self, hva: int, size: int) -> None:
+        _ioctl(self.fd, io.KVM_MEMORY_ENCRYPT_UNREG_REGION, uapi.kvm_enc_region(addr=hva, size=size),
+               "KVM_MEMORY_ENCRYPT_UNREG_REGION")
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        try:
+            fd = fcntl.ioctl(self.fd, io.KVM_CREATE_VCPU, index)
+        except OSError as err:
+            raise KvmError(f"KVM_CREATE_VCPU({index})", err) from None
+        vcpu = Vcpu(self, index, fd, self.kvm.vcpu_mmap_size)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# Offsets into struct kvm_run (include/uapi/linux/kvm.h), checked by tests/test_layout.py
+# through uapi.kvm_run; the union starts at byte 32.
+_EXIT_REASON_U32 = uapi.kvm_run.exit_reason.offset // 4
+_UNION = uapi.kvm_run.u.offset
+assert _UNION == 32
+
+
+class Vcpu:
+    """A vCPU fd with its mmap'd kvm_run."""
+
+    def __init__(self, vm: Vm, index: int, fd: int, mmap_size: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.kvm_run = uapi.kvm_run.from_buffer(self.run_map)
+        view = memoryview(self.run_map)
+        self.run_bytes = view
+        self._u32 = view.cast("I")
+        self._u64 = view.cast("Q")
+
+    # --- registers ----------------------------------------------------------
+    def get_regs(self) -> uapi.kvm_regs:
+        regs = uapi.kvm_regs()
+        _ioctl(self.fd, io.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        _ioctl(self.fd, io.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        sregs = uapi.kvm_sregs()
+        _ioctl(self.fd, io.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        _ioctl(self.fd, io.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self) -> uapi.kvm_fpu:
+        fpu = uapi.kvm_fpu()
+        _ioctl(self.fd, io.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the MSRs KVM returned, in order; it stops at the first one it refuses."""
+        buf = uapi.msrs_buffer(len(indices))
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index
+        done = _ioctl(self.fd, io.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """KVM_SET_MSRS: returns how many were accepted (KVM stops at the first refusal)."""
+        buf = uapi.msrs_buffer(len(values))
+        for i, (index, value) in enumerate(values.items()):
+            buf.entries[i].index = index
+            buf.entries[i].data = value & 0xFFFF_FFFF_FFFF_FFFF
+        return _ioctl(self.fd, io.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+
+    def get_msr(self, index: int) -> int | None:
+        """One MSR as the guest's RDMSR would see it through KVM; None when KVM refuses it (#GP)."""
+        try:
+            return self.get_msrs([index]).get(index)
+        except KvmError:
+            return None
+
+    def set_msr(self, index: int, value: int) -> bool:
+        try:
+            return self.set_msrs({index: value}) == 1
+        except KvmError:
+            return False
+
+    def set_cpuid2(self, entries: list[uapi.kvm_cpuid_entry2]) -> None:
+        buf = uapi.cpuid2_buffer(len(entries))
+        for i, entry in enumerate(entries):
+            buf.entries[i] = entry
+        _ioctl(self.fd, io.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
+
+    def get_xcrs(self) -> uapi.kvm_xcrs:
+        xcrs = uapi.kvm_xcrs()
+        _ioctl(self.fd, io.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return xcrs
+
+    def get_xcr0(self) -> int:
+        xcrs = self.get_xcrs()
+        for i in range(xcrs.nr_xcrs):
+            if xcrs.xcrs[i].xcr == 0:
+                return xcrs.xcrs[i].value
+        return 1
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        req = uapi.kvm_enable_cap(cap=cap)
+        for i, value in enumerate(args):
+            req.args[i] = value
+        _ioctl(self.fd, io.KVM_ENABLE_CAP, req, f"KVM_ENABLE_CAP({cap}) on vCPU {self.index}")
+
+    # --- running ------------------------------------------------------------
+    def request_exit(self) -> None:
+        """Make the current or next KVM_RUN return EINTR (kvm_run.immediate_exit, KVM_CAP_IMMEDIATE_EXIT)."""
+        self.run_bytes[1] = 1
+
+    def run(self) -> exits.Exit:
+        """One KVM_RUN, decoded. Never raises for guest behaviour: failures come back as exit values."""
+        try:
+            fcntl.ioctl(self.fd, io.KVM_RUN)
+        except OSError as err:
+            if err.errno in (errno.EINTR, errno.EAGAIN):
+                return exits.INTERRUPTED
+            return exits.RunFailedExit(err.errno or 0, f"KVM_RUN failed: {errno.errorcode.get(err.errno or 0)} "
+                                                       f"({os.strerror(err.errno or 0)})")
+        u32 = self._u32
+        reason = u32[_EXIT_REASON_U32]
+        if reason == uapi.KVM_EXIT_IO:
+            word = u32[9]  # count at byte 36
+            first = u32[8]  # direction:8 size:8 port:16 at byte 32
+            return exits.IoExit((first & 0xFF) == uapi.KVM_EXIT_IO_OUT, (first >> 8) & 0xFF, first >> 16, word,
+                                self._u64[5])
+        if reason == uapi.KVM_EXIT_MMIO:
+            u64 = self._u64
+            length = u32[12]
+            is_write = self.run_bytes[52] != 0
+            data = u64[5] & ((1 << (8 * length)) - 1) if is_write and length <= 8 else 0
+            return exits.MmioExit(u64[4], length, is_write, data)
+        if reason in (uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_EXIT_X86_WRMSR):
+            return exits.MsrExit(reason == uapi.KVM_EXIT_X86_WRMSR, u32[11], self._u64[6], u32[10])
+        if reason == uapi.KVM_EXIT_HLT:
+            return exits.HLT
+        if reason == uapi.KVM_EXIT_SHUTDOWN:
+            return exits.SHUTDOWN
+        if reason == uapi.KVM_EXIT_INTR:
+            return exits.INTERRUPTED
+        if reason == uapi.KVM_EXIT_FAIL_ENTRY:
+            return exits.FailEntryExit(self._u64[4], u32[10])
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            ndata = min(u32[9], 16)
+            return exits.InternalErrorExit(u32[8], tuple(self._u64[5:5 + ndata]))
+        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            ndata = min(u32[9], 16)
+            return exits.SystemEventExit(u32[8], tuple(self._u64[5:5 + ndata]))
+        return exits.UnknownExit(reason, self._u64[4])
+
+    def complete_msr_exit(self, data: int, error: bool) -> None:
+        """Fill kvm_run.msr for the next KVM_RUN: the RDMSR result, or error=1 to inject #GP."""
+        self.run_bytes[32] = 1 if error else 0
+        self._u64[6] = data & 0xFFFF_FFFF_FFFF_FFFF
+
+    def complete_mmio_read(self, value: int, length: int) -> None:
+        self.run_bytes[40:40 + length] = value.to_bytes(8, "little")[:length]
+
+    def close(self) -> None:
+        self.kvm_run = None
+        self._u32.release()
+        self._u64.release()
+        self.run_bytes.release()
+        try:
+            self.run_map.close()
+        except BufferError:
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
