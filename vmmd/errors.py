@@ -23,6 +23,7 @@ class ExitCode(enum.IntEnum):
     GUEST_TERMINATED = 5  # guest sent a GHCB / SEV termination request
     TIMEOUT = 6  # --timeout reached, VM stopped
     GUEST_HALTED = 7  # guest executed HLT with nothing left to wake it
+    VMM_ERROR = 8  # a bug in vmmd stopped the VM (the message says where); please report it
     INTERRUPTED = 130  # SIGINT / SIGTERM
 
 

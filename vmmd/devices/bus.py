@@ -4,7 +4,9 @@ Modelled on Firecracker's vstate/bus.rs and kvmtool's mmio.c: `insert(device,
 base, length)` rejects empty or overlapping ranges; a device is handed the
 offset into its own range, never the absolute address. Reads of unmapped
 addresses return all ones, as an ISA bus with nothing driving it does; writes
-there are dropped and counted.
+there are dropped and counted. So are accesses that straddle a range's end and
+accesses whose size is outside 1..8 (a guest-given GHCB length never reaches a
+device unchecked).
 
 Both buses serve KVM_EXIT_IO / KVM_EXIT_MMIO and the GHCB IOIO / MMIO events, so
 a device behaves the same whichever way the guest reached it.
@@ -30,8 +32,13 @@ class BusError(VmmdError):
     """A device registration that would overlap another or is empty."""
 
 
+MAX_ACCESS = 8  # widest access a bus passes on (MMIO up to 8 bytes; GHCB v2 MMIO length <= 8)
+_ONES = tuple((1 << (8 * n)) - 1 for n in range(MAX_ACCESS + 1))
+
+
 def all_ones(size: int) -> int:
-    return (1 << (8 * size)) - 1
+    """All ones in `size` bytes; 0 for a size outside 0..8 (never build a huge int from a guest-given size)."""
+    return _ONES[size] if 0 <= size <= MAX_ACCESS else 0
 
 
 class Bus:
@@ -67,7 +74,7 @@ class Bus:
         return None
 
     def read(self, address: int, size: int) -> int:
-        found = self.lookup(address, size)
+        found = self.lookup(address, size) if 0 < size <= MAX_ACCESS else None
         if found is None:
             self.unmapped_reads += 1
             return all_ones(size)
@@ -75,7 +82,7 @@ class Bus:
         return device.read(offset, size) & all_ones(size)
 
     def write(self, address: int, size: int, value: int) -> None:
-        found = self.lookup(address, size)
+        found = self.lookup(address, size) if 0 < size <= MAX_ACCESS else None
         if found is None:
             self.unmapped_writes += 1
             return
@@ -103,8 +110,9 @@ class PortBus(Bus):
         if entry is None:
             return None
         device, base = entry
-        if self.by_port.get(address + size - 1, (None,))[0] is not device:
-            return None  # access straddles the device's end
+        last = self.by_port.get(address + size - 1)
+        if last is None or last[0] is not device or last[1] != base:
+            return None  # access straddles the end of this range (even into another range of the same device)
         return device, address - base
 
 

@@ -1,0 +1,82 @@
+"""The host end of the serial console: buffers guest output and writes it out per line.
+
+`Console.write` is the `tx_sink` of the UART (vmmd.devices.uart.Uart16550): it is
+called once per guest byte, so it only appends to a bytearray. The buffer goes
+to `out` (normally sys.stdout.buffer) when a newline arrives, when it reaches
+`max_buffer` bytes, on every write when `line_buffered=False` (interactive use:
+prompts without a newline must show at once), and on `flush()`, which the run
+loop calls when the VM stops. Output is written as raw bytes: the guest's bytes
+reach the terminal unchanged.
+
+A tail of the output can be kept in memory (`capture=N` bytes) for tests and for
+error reports ("last lines the guest printed"). If `out` fails (closed pipe),
+output to it stops and the console keeps counting and capturing: a host-side
+write error never stops the guest.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import BinaryIO
+
+
+class Console:
+    """Line-buffered sink for guest serial output."""
+
+    def __init__(self, out: BinaryIO | None = None, *, line_buffered: bool = True, capture: int = 0,
+                 max_buffer: int = 4096) -> None:
+        self.out = out
+        self.line_buffered = line_buffered
+        self.capture_limit = capture
+        self.max_buffer = max_buffer
+        self.out_error: OSError | None = None  # first error writing to `out`, after which `out` is left alone
+        self._threshold = max_buffer if line_buffered else 1
+        self._buf = bytearray()
+        self._flushed = 0
+        self._captured = bytearray()
+        self._flush_lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        # Hot path, once per guest byte: no lock (a threading.Lock costs ~300 ns a round trip here). `+=` on a
+        # bytearray is one C call under the GIL, and flushing only ever removes the prefix it wrote, so bytes
+        # appended by another vCPU thread meanwhile are kept.
+        buf = self._buf
+        buf += data
+        if b"\n" in data or len(buf) >= self._threshold:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            buf = self._buf
+            count = len(buf)
+            if not count:
+                return
+            data = bytes(buf[:count])
+            del buf[:count]
+            self._flushed += count
+            if self.capture_limit:
+                self._captured += data
+                if len(self._captured) > 2 * self.capture_limit:  # trim rarely, not on every line
+                    del self._captured[:-self.capture_limit]
+            if self.out is not None and self.out_error is None:
+                try:
+                    self.out.write(data)
+                    self.out.flush()
+                except OSError as error:
+                    self.out_error = error
+                except ValueError as error:  # write to a closed file object
+                    self.out_error = OSError(str(error))
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes received from the guest so far (flushed or not)."""
+        return self._flushed + len(self._buf)
+
+    @property
+    def captured(self) -> bytes:
+        """The last `capture` bytes the guest printed, including any not yet flushed."""
+        if not self.capture_limit:
+            return b""
+        with self._flush_lock:
+            data = bytes(self._captured) + bytes(self._buf)
+        return data[-self.capture_limit:]
