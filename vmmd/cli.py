@@ -1,0 +1,83 @@
+"""vmctl: the command line (click). One function per command, each building one request.
+
+Exit codes are vmmd.errors.ExitCode (README.md, "Exit codes").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from vmmd.errors import ExitCode, VmmdError
+
+
+def _fail(message: str, code: ExitCode = ExitCode.HOST_ERROR) -> None:
+    click.echo(f"vmctl: {message}", err=True)
+    sys.exit(int(code))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vmmd", prog_name="vmctl")
+def main() -> None:
+    """Run and manage vmmd guests (AMD SEV-ES, with an emulated GHCB platform for any KVM host)."""
+
+
+@main.command()
+@click.argument("firmware", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--memory", "-m", default="64M", show_default=True, help="guest RAM (bytes, or K/M/G suffix)")
+@click.option("--cpus", "-c", default=1, show_default=True, type=int, help="number of vCPUs")
+@click.option("--platform", "-p", default="auto", show_default=True,
+              type=click.Choice(["auto", "plain", "sev-es", "sev-es-emu"]),
+              help="auto picks sev-es where the host has it, else sev-es-emu")
+@click.option("--timeout", "-t", type=float, default=None, help="stop the VM after this many seconds")
+@click.option("--console", "console_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write the serial console to FILE instead of standard output")
+@click.option("--guest-arg", type=str, default="0", help="a number handed to the guest in its boot-info page")
+@click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
+def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | None, console_path: Path | None,
+        guest_arg: str, quiet: bool) -> None:
+    """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
+    from vmmd.devices.console import Console
+    from vmmd.machine.config import MachineConfig, parse_size
+    from vmmd.machine.machine import Machine
+    from vmmd.machine.platform import select_platform
+
+    try:
+        arg = int(guest_arg, 0)
+    except ValueError:
+        _fail(f"--guest-arg {guest_arg!r} is not a number", ExitCode.USAGE)
+    out = None
+    try:
+        config = MachineConfig(firmware=firmware, memory_bytes=parse_size(memory), cpus=cpus, platform=platform,
+                               timeout=timeout, guest_arg=arg).validate()
+        chosen, note = select_platform(platform)
+        if console_path is not None:
+            out = open(console_path, "wb")
+        console = Console(out if out is not None else sys.stdout.buffer, line_buffered=True)
+        if not quiet:
+            click.echo(f"vmctl: {note}", err=True)
+        machine = Machine(config, chosen, console.write).build()
+    except VmmdError as err:
+        if out is not None:
+            out.close()
+        _fail(str(err), err.exit_code)
+    except OSError as err:
+        _fail(f"{err.filename or ''}: {err.strerror}" if err.strerror else str(err))
+    try:
+        result = machine.run()
+    finally:
+        console.flush()
+        machine.close()
+        if out is not None:
+            out.close()
+    if not quiet:
+        click.echo(f"vmctl: guest ended ({result.kind}): {result.reason} [{result.seconds:.3f} s]", err=True)
+    sys.stdout.flush()
+    os._exit(int(result.exit_code)) if result.kind == "interrupted" else sys.exit(int(result.exit_code))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Machine configuration: a validated dataclass, and parsing of human sizes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmmd.errors import VmmdError
+from vmmd.machine import layout as L
+from vmmd.memory import MIN_MEMORY_BYTES, PAGE_SIZE
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DEFAULT_MEMORY = "64M"
+
+
+def parse_size(text: str | int) -> int:
+    """'64M', '2G', '4096', '512K', '1GiB' -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise VmmdError(f"memory size {text!r} is not a size: use a number of bytes or a suffix K, M, G (e.g. 64M)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+@dataclass
+class MachineConfig:
+    firmware: Path
+    memory_bytes: int = 64 << 20
+    cpus: int = 1
+    platform: str = "auto"
+    timeout: float | None = None  # seconds; None = no limit
+    guest_arg: int = 0
+    name: str = "guest"
+
+    def validate(self) -> "MachineConfig":
+        if self.memory_bytes % PAGE_SIZE:
+            raise VmmdError(f"memory size {self.memory_bytes} bytes is not a multiple of 4 KiB")
+        if self.memory_bytes < MIN_MEMORY_BYTES:
+            raise VmmdError(f"memory size {self.memory_bytes} bytes is too small: at least {MIN_MEMORY_BYTES >> 20} "
+                            "MiB are needed")
+        if not 1 <= self.cpus <= L.MAX_VCPUS:
+            raise VmmdError(f"cpus must be 1..{L.MAX_VCPUS}, got {self.cpus}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise VmmdError(f"timeout must be a positive number of seconds, got {self.timeout}")
+        return self

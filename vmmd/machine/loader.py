@@ -1,0 +1,161 @@
+"""Loader for flat 64-bit firmware: image, identity page tables, GDT, boot-info page, vCPU state.
+
+The guest starts in 64-bit long mode as firmware/include/bootinfo.h documents.
+Everything the VMM writes below FIRMWARE_LOAD_GPA plus the image itself is
+described by `LoadedImage.measured_regions()`, in the order an SEV launch
+encrypts and measures it.
+
+Page tables follow the AMD64 APM vol. 2, 5.3 (long-mode 4-level paging): PML4
+-> PDPT -> one PD per GiB with 2 MiB pages, and 4 KiB pages for the first 2 MiB
+so shared pages (GHCB, device buffers) can carry a different C-bit from private
+ones (APM vol. 2, 15.34.5: the C-bit in a page-table entry selects encryption).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmmd.errors import VmmdError
+from vmmd.kvm import uapi
+from vmmd.machine import bootinfo as bi
+from vmmd.machine import layout as L
+from vmmd.memory import FOUR_GIB_GPA, PAGE_SIZE, PCI_HOLE_START_GPA, GuestMemory
+
+PTE_P, PTE_RW, PTE_PS = 1 << 0, 1 << 1, 1 << 7
+GIB = 1 << 30
+
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_OSXSAVE = 1 << 5, 1 << 9, 1 << 10, 1 << 18
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+
+# GDT descriptors (Intel SDM vol. 3, 3.4.5): null, 64-bit code (L=1), flat data.
+GDT_ENTRIES = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF]
+
+
+@dataclass
+class LoadedImage:
+    path: Path
+    entry_gpa: int
+    image_size: int
+    low_area_size: int  # bytes from 0 written by the VMM (boot info, GDT, page tables)
+
+    def measured_regions(self) -> list[tuple[int, int, str]]:
+        """(gpa, length, name) in launch order: VMM-built structures, then the firmware image."""
+        return [(L.BOOTINFO_GPA, self.low_area_size - L.BOOTINFO_GPA, "boot info, GDT, page tables"),
+                (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, f"firmware {self.path.name}")]
+
+
+def read_firmware(path: str | Path, memory_bytes: int) -> bytes:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise VmmdError(f"firmware {p} does not exist (build the guests with `make -C firmware`)") from None
+    except IsADirectoryError:
+        raise VmmdError(f"firmware {p} is a directory, not a flat binary") from None
+    except PermissionError:
+        raise VmmdError(f"firmware {p} is not readable by this user") from None
+    if not data:
+        raise VmmdError(f"firmware {p} is empty")
+    limit = min(memory_bytes, PCI_HOLE_START_GPA) - L.FIRMWARE_LOAD_GPA
+    if len(data) > limit:
+        raise VmmdError(f"firmware {p} is {len(data)} bytes but only {max(limit, 0)} bytes of RAM are free above "
+                        f"{L.FIRMWARE_LOAD_GPA:#x}: give the guest more memory (--memory)")
+    return data
+
+
+def build_page_tables(memory: GuestMemory, c_bit: int = 0, shared: list[tuple[int, int]] = ()) -> int:
+    """Identity-map 0..4 GiB (MMIO included) and RAM above it; returns CR3."""
+    enc = (1 << c_bit) if c_bit else 0
+    top = max(FOUR_GIB_GPA, max(gpa + size for gpa, size in memory.ranges()))
+    gib_count = (top + GIB - 1) // GIB
+    if gib_count > L.MAX_PD_PAGES:
+        raise VmmdError(f"flat firmware guests map at most {L.MAX_PD_PAGES} GiB of address space; "
+                        f"this guest needs {gib_count} GiB: use less memory")
+
+    def is_shared(page_gpa: int) -> bool:
+        return any(start <= page_gpa < start + size for start, size in shared)
+
+    memory.write_u64(L.PML4_GPA, L.PDPT_GPA | enc | PTE_P | PTE_RW)
+    for gib in range(gib_count):
+        pd_gpa = L.PD_BASE_GPA + gib * PAGE_SIZE
+        memory.write_u64(L.PDPT_GPA + 8 * gib, pd_gpa | enc | PTE_P | PTE_RW)
+        entries = memory.view(pd_gpa, PAGE_SIZE).view("<u8")
+        for i in range(512):
+            gpa = gib * GIB + i * (2 << 20)
+            entries[i] = gpa | enc | PTE_P | PTE_RW | PTE_PS
+    memory.write_u64(L.PD_BASE_GPA, L.PT_LOW_GPA | enc | PTE_P | PTE_RW)
+    ptes = memory.view(L.PT_LOW_GPA, PAGE_SIZE).view("<u8")
+    for i in range(512):
+        gpa = i * PAGE_SIZE
+        ptes[i] = gpa | (0 if is_shared(gpa) else enc) | PTE_P | PTE_RW
+    return L.PML4_GPA | enc
+
+
+def write_gdt(memory: GuestMemory) -> None:
+    for i, desc in enumerate(GDT_ENTRIES):
+        memory.write_u64(L.GDT_GPA + 8 * i, desc)
+
+
+def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_port: int, c_bit: int,
+                   guest_arg: int) -> None:
+    info = bi.vmmd_bootinfo(magic=bi.VMMD_BOOTINFO_MAGIC, version=bi.VMMD_BOOTINFO_VERSION,
+                            size=ctypes.sizeof(bi.vmmd_bootinfo), platform=bi.PLATFORM_CODES[platform],
+                            cpu_count=cpu_count, console_port=L.CONSOLE_PORT, debug_exit_port=L.DEBUG_EXIT_PORT,
+                            doorbell_port=doorbell_port, ghcb_gpa=L.GHCB_BASE_GPA, shared_gpa=L.SHARED_GPA,
+                            shared_size=L.SHARED_SIZE, c_bit=c_bit, guest_arg=guest_arg & (2**64 - 1),
+                            mmio_testdev_gpa=L.MMIO_TESTDEV_GPA)
+    ranges = [(0, L.FIRMWARE_LOAD_GPA, bi.VMMD_MEM_RESERVED)]
+    for gpa, size in memory.ranges():
+        start = max(gpa, L.FIRMWARE_LOAD_GPA)
+        if start < gpa + size:
+            ranges.append((start, gpa + size - start, bi.VMMD_MEM_RAM))
+    ranges.append((L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE, bi.VMMD_MEM_SHARED))
+    ranges.append((L.SHARED_GPA, L.SHARED_SIZE, bi.VMMD_MEM_SHARED))
+    for i, (gpa, size, kind) in enumerate(ranges):
+        info.mem_ranges[i] = bi.vmmd_mem_range(gpa=gpa, size=size, type=kind)
+    info.mem_range_count = len(ranges)
+    memory.write(L.BOOTINFO_GPA, bytes(info))
+
+
+def load_flat_firmware(memory: GuestMemory, path: str | Path, platform: str, cpu_count: int, doorbell_port: int = 0,
+                       c_bit: int = 0, guest_arg: int = 0) -> tuple[LoadedImage, int]:
+    """Write image + VMM structures into guest RAM; returns (image, cr3)."""
+    if cpu_count > L.MAX_VCPUS:
+        raise VmmdError(f"at most {L.MAX_VCPUS} vCPUs are supported, {cpu_count} were asked for")
+    data = read_firmware(path, memory.ram_bytes)
+    memory.write(L.FIRMWARE_LOAD_GPA, data)
+    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg)
+    write_gdt(memory)
+    shared = [(L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE), (L.SHARED_GPA, L.SHARED_SIZE)]
+    cr3 = build_page_tables(memory, c_bit, shared)
+    gib_count = (max(FOUR_GIB_GPA, max(g + s for g, s in memory.ranges())) + GIB - 1) // GIB
+    image = LoadedImage(Path(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + gib_count * PAGE_SIZE)
+    return image, cr3
+
+
+def _segment(selector: int, code: bool) -> uapi.kvm_segment:
+    return uapi.kvm_segment(base=0, limit=0xFFFF_FFFF, selector=selector, type=0xB if code else 0x3, present=1,
+                            dpl=0, db=0 if code else 1, s=1, l=1 if code else 0, g=1)
+
+
+def long_mode_sregs(sregs: uapi.kvm_sregs, cr3: int, xsave: bool) -> uapi.kvm_sregs:
+    """Turn the vCPU's reset sregs into the documented 64-bit entry state."""
+    sregs.cs = _segment(L.CODE64_SELECTOR, True)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, _segment(L.DATA_SELECTOR, False))
+    sregs.gdt.base, sregs.gdt.limit = L.GDT_GPA, 8 * len(GDT_ENTRIES) - 1
+    sregs.idt.base, sregs.idt.limit = 0, 0
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | (CR4_OSXSAVE if xsave else 0)
+    sregs.cr3 = cr3
+    sregs.efer = EFER_LME | EFER_LMA
+    return sregs
+
+
+def entry_regs(image: LoadedImage, vcpu_index: int) -> uapi.kvm_regs:
+    return uapi.kvm_regs(rip=image.entry_gpa, rsp=L.STACKS_GPA + (vcpu_index + 1) * L.STACK_SIZE,
+                         rsi=L.BOOTINFO_GPA, rdi=vcpu_index, rflags=0x2)

@@ -1,0 +1,176 @@
+"""A machine: builds KVM VM, memory, devices, CPUID, platform and vCPUs from a MachineConfig, and runs it.
+
+One thread per vCPU runs `run_vcpu()`; the calling thread supervises: it waits
+for the first VmStop (or every vCPU halting), enforces the timeout, and turns
+SIGINT into a clean stop. Stopping kicks every vCPU out of KVM_RUN with
+kvm_run.immediate_exit plus a signal, as QEMU's qemu_cpu_kick() does.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vmmd.devices.bus import MmioBus, PortBus
+from vmmd.devices.debug_exit import DebugExit
+from vmmd.devices.testdev import TestDev
+from vmmd.devices.uart import Uart16550
+from vmmd.errors import ExitCode, VmStop
+from vmmd.kvm import Kvm, uapi
+from vmmd.machine import layout as L
+from vmmd.machine.config import MachineConfig
+from vmmd.machine.cpuid import CpuidTable, build_cpuid_table
+from vmmd.machine.loader import entry_regs, load_flat_firmware, long_mode_sregs
+from vmmd.machine.platform import Platform
+from vmmd.machine.runloop import ExitContext, run_vcpu
+from vmmd.memory import GuestMemory
+
+KICK_SIGNAL = signal.SIGUSR1
+CPUID_1_ECX_XSAVE = 1 << 26
+
+
+@dataclass
+class VmResult:
+    kind: str  # debug-exit, halt, shutdown, sev-term, timeout, interrupted, ...
+    reason: str
+    exit_code: ExitCode
+    status: int | None = None
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+class _Terminate(Exception):
+    """SIGTERM arrived: stop the VM as for SIGINT."""
+
+
+def _raise_terminate(signum, frame) -> None:
+    raise _Terminate()
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)  # only interrupts KVM_RUN with EINTR
+        signal.signal(signal.SIGTERM, _raise_terminate)
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, platform: Platform, console_sink) -> None:
+        self.config = config.validate()
+        self.platform = platform
+        self.kvm = None
+        self.vm = None
+        self.memory: GuestMemory | None = None
+        self.vcpus = []
+        self.port_bus = PortBus()
+        self.mmio_bus = MmioBus()
+        self.uart = Uart16550(tx_sink=console_sink)
+        self.port_bus.insert(self.uart, L.CONSOLE_PORT, 8)
+        self.port_bus.insert(DebugExit(), L.DEBUG_EXIT_PORT, 2)
+        self.mmio_bus.insert(TestDev(), L.MMIO_TESTDEV_GPA, L.MMIO_TESTDEV_SIZE)
+        self.cpuid: CpuidTable | None = None
+        self.ctx = ExitContext(self.port_bus, self.mmio_bus)
+        self._stop: VmStop | None = None
+        self._stop_lock = threading.Lock()
+        self._done = threading.Event()
+
+    # --- building ---------------------------------------------------------------------------------------------
+    def build(self) -> "Machine":
+        cfg = self.config
+        try:
+            self.kvm = Kvm()
+            self.memory = GuestMemory.with_ram(cfg.memory_bytes)
+            image, cr3 = load_flat_firmware(self.memory, cfg.firmware, self.platform.name, cfg.cpus,
+                                            self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg)
+            self.image = image
+            self.vm = self.kvm.create_vm(self.platform.vm_type)
+            self.vm.set_tss_addr()
+            self.vm.add_memory(self.memory)
+            self.platform.configure_vm(self)
+            self.cpuid = build_cpuid_table(self.kvm.get_supported_cpuid(), cfg.cpus, self.platform.name,
+                                           self.platform.doorbell_port)
+            xsave = bool(self.cpuid.lookup(1)[2] & CPUID_1_ECX_XSAVE)
+            for index in range(cfg.cpus):
+                vcpu = self.vm.create_vcpu(index)
+                vcpu.set_cpuid2(self.cpuid.for_vcpu(index))
+                vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs(), cr3, xsave))
+                vcpu.set_regs(entry_regs(image, index))
+                self.vcpus.append(vcpu)
+            self.ctx.halt_stops_vm = cfg.cpus == 1
+            self.platform.attach(self, self.ctx)
+            self.platform.launch(self)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # --- running ----------------------------------------------------------------------------------------------
+    def _record_stop(self, stop: VmStop | None) -> None:
+        with self._stop_lock:
+            if stop is not None and self._stop is None:
+                self._stop = stop
+        if stop is not None:
+            self._done.set()
+            self.kick_all()
+
+    def kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.request_exit()
+        for thread in getattr(self, "_threads", []):
+            if thread.is_alive() and thread.ident is not None:
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+
+    def _vcpu_thread(self, vcpu) -> None:
+        stop = run_vcpu(vcpu, self.ctx, self._done.is_set)
+        self._record_stop(stop)
+
+    def run(self) -> VmResult:
+        """Run until the guest ends, the timeout passes or SIGINT/SIGTERM arrives."""
+        _install_signal_handlers()
+        start = time.monotonic()
+        self._threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}", daemon=True)
+                         for v in self.vcpus]
+        for thread in self._threads:
+            thread.start()
+        deadline = None if self.config.timeout is None else start + self.config.timeout
+        try:
+            while not self._done.is_set():
+                if all(not t.is_alive() for t in self._threads):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._record_stop(VmStop("timeout", f"timeout of {self.config.timeout:g} s reached; VM stopped",
+                                             ExitCode.TIMEOUT))
+                    break
+                self._done.wait(0.25 if remaining is None else min(remaining, 0.25))
+        except KeyboardInterrupt:
+            self._record_stop(VmStop("interrupted", "interrupted (SIGINT); VM stopped", ExitCode.INTERRUPTED))
+        except _Terminate:
+            self._record_stop(VmStop("interrupted", "terminated (SIGTERM); VM stopped", ExitCode.INTERRUPTED))
+        self._done.set()
+        self.kick_all()
+        for thread in self._threads:
+            while thread.is_alive():
+                thread.join(0.2)
+                self.kick_all()
+        seconds = time.monotonic() - start
+        stop = self._stop or VmStop("halt", "every vCPU halted", ExitCode.GUEST_HALTED)
+        return VmResult(stop.kind, stop.reason, stop.exit_code, stop.status, seconds,
+                        {"unmapped_port_writes": self.port_bus.unmapped_writes,
+                         "unmapped_port_reads": self.port_bus.unmapped_reads})
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        self.vcpus = []
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None

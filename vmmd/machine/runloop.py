@@ -1,0 +1,159 @@
+"""The vCPU run loop: decode (Vcpu.run) apart from dispatch (handle_exit).
+
+`handle_exit()` is a plain function over an exit value and an ExitContext, so
+unit tests feed it synthetic exits. It returns CONTINUE or VCPU_HALTED, or
+raises VmStop with a one-line reason. `run_vcpu()` never lets any other
+exception out: a bug in a device becomes a VM stop naming the exit, never a
+traceback that kills the process (or, under the daemon, the worker).
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vmmd.devices.bus import MmioBus, PortBus
+from vmmd.errors import ExitCode, VmStop
+from vmmd.kvm import exits, uapi
+
+CONTINUE = 0
+VCPU_HALTED = 1  # this vCPU is done (HLT with nothing to wake it, AP hold); others may go on
+
+INTERNAL_ERROR_NAMES = {
+    uapi.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+    uapi.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+    uapi.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed (e.g. a fault on the IDT or stack)",
+    uapi.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected VM exit",
+}
+
+
+@dataclass
+class ExitContext:
+    """What exit handling needs besides the exit itself; the platform fills the hooks."""
+
+    port_bus: PortBus
+    mmio_bus: MmioBus
+    # (vcpu, MsrExit) -> None; must complete the exit (vcpu.complete_msr_exit)
+    msr_handler: Callable[[object, exits.MsrExit], None] | None = None
+    # port -> handler(vcpu) for ports the platform owns (the sev-es-emu doorbell); returns CONTINUE/VCPU_HALTED
+    doorbell_port: int = -1
+    doorbell: Callable[[object], int] | None = None
+    # (vcpu, SystemEventExit) -> never returns (raises VmStop); platform decodes SEV termination
+    system_event_handler: Callable[[object, exits.SystemEventExit], None] | None = None
+    halt_stops_vm: bool = True  # single vCPU without an irqchip: nothing can wake a halted CPU
+    counters: dict = field(default_factory=dict)
+
+
+def handle_io(ex: exits.IoExit, vcpu, ctx: ExitContext) -> int:
+    size = ex.size
+    port = ex.port
+    if port == ctx.doorbell_port and ctx.doorbell is not None:
+        return ctx.doorbell(vcpu)
+    data = vcpu.run_bytes
+    offset = ex.data_offset
+    end = offset + ex.count * size
+    if size not in (1, 2, 4) or end > len(data):
+        raise VmStop("io-error", f"KVM_EXIT_IO with size {size} count {ex.count} at offset {offset:#x} does not fit "
+                     "kvm_run", ExitCode.GUEST_CRASH)
+    bus = ctx.port_bus
+    if ex.is_write:
+        if ex.count == 1:
+            bus.write(port, size, int.from_bytes(data[offset:end], "little"))
+        else:
+            for pos in range(offset, end, size):
+                bus.write(port, size, int.from_bytes(data[pos:pos + size], "little"))
+    else:
+        for pos in range(offset, end, size):
+            data[pos:pos + size] = bus.read(port, size).to_bytes(size, "little")
+    return CONTINUE
+
+
+def handle_exit(ex: exits.Exit, vcpu, ctx: ExitContext) -> int:
+    """Dispatch one decoded exit. Raises VmStop when the VM must end."""
+    if type(ex) is exits.IoExit:
+        return handle_io(ex, vcpu, ctx)
+    kind = type(ex)
+    if kind is exits.MmioExit:
+        if ex.length > 8 or ex.length == 0:
+            raise VmStop("mmio-error", f"MMIO access of {ex.length} bytes at {ex.gpa:#x}", ExitCode.GUEST_CRASH)
+        if ex.is_write:
+            ctx.mmio_bus.write(ex.gpa, ex.length, ex.data)
+        else:
+            vcpu.complete_mmio_read(ctx.mmio_bus.read(ex.gpa, ex.length), ex.length)
+        return CONTINUE
+    if kind is exits.MsrExit:
+        if ctx.msr_handler is None:
+            vcpu.complete_msr_exit(0, error=True)
+        else:
+            ctx.msr_handler(vcpu, ex)
+        return CONTINUE
+    if kind is exits.InterruptedExit:
+        return CONTINUE
+    if kind is exits.HltExit:
+        if ctx.halt_stops_vm:
+            raise VmStop("halt", "guest halted (HLT with interrupts off and nothing to wake it)",
+                         ExitCode.GUEST_HALTED)
+        return VCPU_HALTED
+    if kind is exits.ShutdownExit:
+        raise VmStop("shutdown", "guest triple-faulted (KVM_EXIT_SHUTDOWN)", ExitCode.GUEST_CRASH)
+    if kind is exits.FailEntryExit:
+        raise VmStop("fail-entry", f"VM entry failed: hardware reason {ex.hardware_entry_failure_reason:#x} on "
+                     f"host CPU {ex.cpu} (KVM_EXIT_FAIL_ENTRY)", ExitCode.GUEST_CRASH)
+    if kind is exits.InternalErrorExit:
+        what = INTERNAL_ERROR_NAMES.get(ex.suberror, f"suberror {ex.suberror}")
+        data = " ".join(f"{d:#x}" for d in ex.data[:4])
+        raise VmStop("internal-error", f"KVM internal error: {what}" + (f" (data {data})" if data else ""),
+                     ExitCode.GUEST_CRASH)
+    if kind is exits.SystemEventExit:
+        if ctx.system_event_handler is not None:
+            ctx.system_event_handler(vcpu, ex)
+        raise VmStop("system-event", f"guest system event type {ex.type} data {[hex(d) for d in ex.data]}",
+                     ExitCode.GUEST_CRASH)
+    if kind is exits.RunFailedExit:
+        raise VmStop("run-failed", ex.message, ExitCode.GUEST_CRASH)
+    if kind is exits.UnknownExit:
+        raise VmStop("unknown-exit", f"unhandled KVM exit reason {ex.exit_reason} "
+                     f"(hardware reason {ex.hardware_exit_reason:#x})", ExitCode.GUEST_CRASH)
+    raise VmStop("unknown-exit", f"unhandled exit {ex.name}", ExitCode.GUEST_CRASH)
+
+
+def register_dump(vcpu) -> str:
+    """One line of the vCPU's state, for crash reports; never raises."""
+    try:
+        r = vcpu.get_regs()
+        s = vcpu.get_sregs()
+    except Exception as err:  # noqa: BLE001 - SEV-ES state is not readable, say so
+        return f"vCPU {vcpu.index}: registers not readable ({err})"
+    return (f"vCPU {vcpu.index}: RIP={r.rip:#x} RSP={r.rsp:#x} RFLAGS={r.rflags:#x} RAX={r.rax:#x} RBX={r.rbx:#x} "
+            f"RCX={r.rcx:#x} RDX={r.rdx:#x} RSI={r.rsi:#x} RDI={r.rdi:#x} CR0={s.cr0:#x} CR2={s.cr2:#x} "
+            f"CR3={s.cr3:#x} CR4={s.cr4:#x} EFER={s.efer:#x} CS={s.cs.selector:#x}")
+
+
+def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop | None:
+    """Run one vCPU until it halts (None) or the VM must stop (the VmStop). Never raises."""
+    run = vcpu.run
+    handle = handle_exit
+    io_exit = exits.IoExit
+    try:
+        while True:
+            ex = run()
+            if type(ex) is io_exit:
+                handle_io(ex, vcpu, ctx)
+                continue
+            if ex is exits.INTERRUPTED:
+                if should_stop():
+                    return None
+                vcpu.run_bytes[1] = 0  # clear immediate_exit
+                continue
+            if handle(ex, vcpu, ctx) == VCPU_HALTED:
+                return None
+    except VmStop as stop:
+        if stop.exit_code in (ExitCode.GUEST_CRASH,):
+            stop.reason = f"{stop.reason}\n  {register_dump(vcpu)}"
+        return stop
+    except Exception as err:  # noqa: BLE001 - a VMM bug must stop this VM, not the process
+        detail = traceback.format_exc(limit=-3).strip().splitlines()
+        return VmStop("vmm-error", f"vmmd internal error while running vCPU {vcpu.index}: "
+                      f"{type(err).__name__}: {err} [{' | '.join(line.strip() for line in detail[-3:])}]",
+                      ExitCode.VMM_ERROR)
