@@ -1,0 +1,108 @@
+"""vmmd's SEV-ES launch digest and VMSA pages against virtee/sev-snp-measure, on Debian's OVMF images.
+
+Needs the PyPI package sev-snp-measure (its `sev-snp-measure` command) and Debian's
+`ovmf` package (/usr/share/OVMF/*.fd); skips, saying which is missing, otherwise.
+sev-snp-measure --mode seves prints the SEV-ES launch digest: SHA-256 over the OVMF
+image then the VMSA pages (guest.py seves_calc_launch_digest()); its QEMU VMSA model
+carries x87 FCW 0x37f / MXCSR 0x1f80, i.e. KVM's KVM_SEV_INIT2 path, vmmd's default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vmmd.cli_measure import measure_cmd
+from vmmd.sev import vmsa as V
+from vmmd.sev.measure import build_ovmf_plan, launch_digest
+from vmmd.sev.ovmf import SEV_ES_RESET_BLOCK_GUID, parse_footer_table
+
+TOOL = shutil.which("sev-snp-measure")
+VCPU_COUNTS = (1, 2, 4)
+CPU_TYPES = ("EPYC", "EPYC-Milan", "EPYC-Genoa")
+
+
+def _images() -> list[str]:
+    """Distinct OVMF images (symlinks resolved) that carry the SEV-ES reset block (VARS files do not)."""
+    found: dict[str, str] = {}
+    for path in sorted(glob.glob("/usr/share/OVMF/*.fd")):
+        real = os.path.realpath(path)
+        if real in found:
+            continue
+        if SEV_ES_RESET_BLOCK_GUID in parse_footer_table(Path(real).read_bytes()):
+            found[real] = path
+    return sorted(found)
+
+
+IMAGES = _images()
+pytestmark = [
+    pytest.mark.skipif(TOOL is None, reason="sev-snp-measure not installed (pip install sev-snp-measure)"),
+    pytest.mark.skipif(not IMAGES, reason="no SEV-capable OVMF image in /usr/share/OVMF (apt-get install ovmf)"),
+]
+
+
+def _tool(image: str, vcpus: int, cpu_type: str, cwd: Path | None = None, *extra: str) -> str:
+    cmd = [str(TOOL), "--mode", "seves", "--vmm-type", "QEMU", "--ovmf", image, "--vcpus", str(vcpus),
+           "--vcpu-type", cpu_type, "--output-format", "hex", *extra]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=cwd, timeout=120).stdout.strip()
+
+
+@pytest.mark.parametrize("cpu_type", CPU_TYPES)
+@pytest.mark.parametrize("vcpus", VCPU_COUNTS)
+@pytest.mark.parametrize("image", IMAGES or ["none"])
+def test_launch_digest_equals_sev_snp_measure(image: str, vcpus: int, cpu_type: str) -> None:
+    ours = launch_digest(build_ovmf_plan(Path(image).read_bytes(), vcpus, cpu_type))
+    assert ours.hex() == _tool(image, vcpus, cpu_type)
+
+
+@pytest.mark.parametrize("cpu_type", CPU_TYPES)
+@pytest.mark.parametrize("image", IMAGES or ["none"])
+def test_vmsa_pages_equal_sev_snp_measure_dump(image: str, cpu_type: str, tmp_path: Path) -> None:
+    vcpus = 3  # BSP and two APs
+    _tool(image, vcpus, cpu_type, tmp_path, "--dump-vmsa")
+    plan = build_ovmf_plan(Path(image).read_bytes(), vcpus, cpu_type)
+    for vcpu in plan.vcpus:
+        theirs = (tmp_path / f"vmsa{vcpu.index}.bin").read_bytes()
+        assert len(theirs) == V.VMSA_PAGE_SIZE
+        assert vcpu.vmsa == theirs, f"vCPU {vcpu.index}: first difference at {_first_diff(vcpu.vmsa, theirs):#x}"
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+
+
+def test_sev_snp_measure_models_init2_not_legacy(tmp_path: Path) -> None:
+    """Its seves VMSA holds FPU state, which KVM writes only on the KVM_SEV_INIT2 path."""
+    image = IMAGES[0]
+    _tool(image, 1, "EPYC", tmp_path, "--dump-vmsa")
+    theirs = (tmp_path / "vmsa0.bin").read_bytes()
+    save = V.sev_es_save_area.from_buffer_copy(theirs)
+    assert (save.x87_fcw, save.mxcsr) == (V.FCW_DEFAULT, V.MXCSR_DEFAULT)
+    legacy = build_ovmf_plan(Path(image).read_bytes(), 1, "EPYC", init2=False)
+    assert legacy.vcpus[0].vmsa != theirs
+    assert legacy.vcpus[0].vmsa[:0x400] == theirs[:0x400]
+
+
+def test_layout_matches_sev_snp_measure_struct() -> None:
+    vmsa_mod = pytest.importorskip("sevsnpmeasure.vmsa")
+    theirs = vmsa_mod.SevEsSaveArea
+    ours = V.vmsa_field_offsets()
+    common = [name for name, *_ in theirs._fields_ if name in ours]
+    assert len(common) >= 90  # all but the renamed SSP fields and the tsc_scale/tsc_offset area
+    for name in common:
+        assert getattr(theirs, name).offset == ours[name], name
+    assert ctypes.sizeof(theirs) == V.VMSA_PAGE_SIZE
+
+
+def test_vmctl_measure_cli_equals_sev_snp_measure() -> None:
+    image = IMAGES[-1]
+    res = CliRunner().invoke(measure_cmd, [image, "--vcpus", "4", "--cpu-type", "EPYC-Milan", "--json"])
+    assert res.exit_code == 0, res.output
+    assert f'"digest": "{_tool(image, 4, "EPYC-Milan")}"' in res.output

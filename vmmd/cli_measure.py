@@ -1,0 +1,224 @@
+"""`vmctl measure` and `vmctl verify`: the expected SEV-ES launch digest / measurement of a firmware image.
+
+Two click commands (`measure_cmd`, `verify_cmd`) for the vmctl group to add. They build
+the same LaunchPlan the sev-es launch sequencer follows (vmmd.sev.measure.build_ovmf_plan)
+and print its digest; with the platform's TIK, API version, build and a measurement
+nonce they print the MEASURE the firmware should report (`measure`), or check a
+reported LAUNCH_MEASURE blob (`verify`, exit 0 on match, 1 on mismatch, 3 on a host error).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vmmd.errors import ExitCode, VmmdError
+from vmmd.sev.cpu_types import CPU_SIGS, DEFAULT_CPU_TYPE, decode_sig
+from vmmd.sev.measure import (
+    DEFAULT_SEVES_POLICY,
+    MEASURE_BLOB_SIZE,
+    MNONCE_SIZE,
+    TIK_SIZE,
+    LaunchPlan,
+    build_ovmf_plan,
+    expected_measurement,
+    launch_digest,
+    verify,
+)
+
+
+def _firmware_path(config_or_firmware: Path) -> Path:
+    """A firmware path from the argument: a TOML machine config names it under `firmware`."""
+    if config_or_firmware.suffix != ".toml":
+        return config_or_firmware
+    try:
+        config = tomllib.loads(config_or_firmware.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise VmmdError(f"cannot read machine config {config_or_firmware}: {err}") from None
+    for table in (config, config.get("machine", {}), config.get("boot", {})):
+        if isinstance(table, dict) and isinstance(table.get("firmware"), str):
+            return (config_or_firmware.parent / table["firmware"]).resolve()
+    raise VmmdError(f"{config_or_firmware} names no `firmware`: pass the firmware image path instead")
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise click.BadParameter(f"{what} must be a number (0x.. for hex), got {text!r}") from None
+
+
+def _read_tik(path: Path) -> bytes:
+    """A TIK file: 16 raw bytes, or 32 hex digits."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise VmmdError(f"cannot read TIK file {path}: {err.strerror}") from None
+    if len(raw) == TIK_SIZE:
+        return raw
+    try:
+        tik = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        tik = b""
+    if len(tik) != TIK_SIZE:
+        raise VmmdError(f"TIK file {path} must hold {TIK_SIZE} raw bytes or {2 * TIK_SIZE} hex digits")
+    return tik
+
+
+def _decode_blob(text: str) -> bytes:
+    """A LAUNCH_MEASURE blob from a file (raw 48 bytes, or text) or text: hex, or base64 as QEMU's QMP gives it."""
+    path = Path(text)
+    data: bytes | str = text
+    if path.is_file():
+        raw = path.read_bytes()
+        if len(raw) == MEASURE_BLOB_SIZE:
+            return raw
+        data = raw.decode("ascii", errors="replace")
+    data = str(data).strip()
+    for decode in (bytes.fromhex, lambda s: base64.b64decode(s, validate=True)):
+        try:
+            blob = decode(data)
+        except (ValueError, binascii.Error):
+            continue
+        if len(blob) == MEASURE_BLOB_SIZE:
+            return blob
+    raise VmmdError(f"--measurement must be {MEASURE_BLOB_SIZE} bytes (MEASURE ‖ MNONCE): a raw file, "
+                    "hex or base64")
+
+
+def _api_version(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(part) for part in text.split("."))
+    except ValueError:
+        raise click.BadParameter(f"--api-version must look like 0.24, got {text!r}") from None
+    return major, minor
+
+
+def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
+          vmsa_features: str) -> tuple[LaunchPlan, Path]:
+    firmware = _firmware_path(config_or_firmware)
+    try:
+        image = firmware.read_bytes()
+    except OSError as err:
+        raise VmmdError(f"cannot read firmware image {firmware}: {err.strerror}") from None
+    try:
+        plan = build_ovmf_plan(image, vcpus, cpu_type, init2=init2,
+                               vmsa_features=_int(vmsa_features, "--vmsa-features"), policy=_int(policy, "--policy"))
+    except ValueError as err:
+        raise VmmdError(str(err)) from None
+    return plan, firmware
+
+
+def _assumed(plan: LaunchPlan, firmware: Path, cpu_type: str) -> dict[str, Any]:
+    family, model, stepping = decode_sig(plan.cpu_sig)
+    return {"firmware": str(firmware), "cpu_type": cpu_type,
+            "cpu_family_model_stepping": f"{family}/{model}/{stepping}", **plan.describe()}
+
+
+def _plan_options(func: Any) -> Any:
+    options = [
+        click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False)),
+        click.option("--vcpus", type=click.IntRange(1, 1024), default=1, show_default=True),
+        click.option("--cpu-type", default=DEFAULT_CPU_TYPE, show_default=True,
+                     help=f"QEMU model ({', '.join(CPU_SIGS)}) or a CPUID 1 EAX number"),
+        click.option("--policy", default=hex(DEFAULT_SEVES_POLICY), show_default=True, help="SEV guest policy"),
+        click.option("--init2/--legacy-init", default=True, show_default=True,
+                     help="KVM_SEV_INIT2 (FPU state in the VMSA) or legacy KVM_SEV_ES_INIT"),
+        click.option("--vmsa-features", default="0", show_default=True, help="VMSA sev_features (INIT2 only)"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _fail(err: VmmdError) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(int(ExitCode.HOST_ERROR))
+
+
+@click.command("measure")
+@_plan_options
+@click.option("--dump-vmsa", type=click.Path(path_type=Path, file_okay=False), help="write vmsa<N>.bin here")
+@click.option("--tik", type=click.Path(path_type=Path, dir_okay=False), help="TIK (16 bytes raw or hex)")
+@click.option("--api-version", help="SEV firmware API version MAJ.MIN (with --tik)")
+@click.option("--build", "build_id", type=click.IntRange(0, 255), help="SEV firmware build (with --tik)")
+@click.option("--mnonce", help="measurement nonce, 32 hex digits (with --tik)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool, vmsa_features: str,
+                dump_vmsa: Path | None, tik: Path | None, api_version: str | None, build_id: int | None,
+                mnonce: str | None, as_json: bool) -> None:
+    """Print the SEV-ES launch digest (and, with --tik ..., the expected MEASURE) of a firmware image."""
+    want_measure = [tik, api_version, build_id, mnonce]
+    if any(v is not None for v in want_measure) and not all(v is not None for v in want_measure):
+        raise click.UsageError("--tik, --api-version, --build and --mnonce go together")
+    try:
+        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features)
+        digest = launch_digest(plan)
+        result: dict[str, Any] = {"digest": digest.hex(), "assumed": _assumed(plan, firmware, cpu_type)}
+        if tik is not None:
+            major, minor = _api_version(str(api_version))
+            try:
+                nonce = bytes.fromhex(str(mnonce))
+            except ValueError:
+                nonce = b""
+            if len(nonce) != MNONCE_SIZE:
+                raise click.BadParameter(f"--mnonce must be {2 * MNONCE_SIZE} hex digits")
+            result["measurement"] = expected_measurement(digest, _read_tik(tik), major, minor, int(str(build_id)),
+                                                         plan.policy, nonce).hex()
+            result["assumed"].update({"api_version": f"{major}.{minor}", "build": build_id, "mnonce": nonce.hex()})
+        if dump_vmsa is not None:
+            dump_vmsa.mkdir(parents=True, exist_ok=True)
+            for vcpu in plan.vcpus:
+                (dump_vmsa / f"vmsa{vcpu.index}.bin").write_bytes(vcpu.vmsa)
+    except VmmdError as err:
+        _fail(err)
+        return
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    click.echo(f"launch digest: {result['digest']}")
+    if "measurement" in result:
+        click.echo(f"measurement:   {result['measurement']}")
+    for key, value in result["assumed"].items():
+        click.echo(f"  {key}: {value}")
+
+
+@click.command("verify")
+@_plan_options
+@click.option("--measurement", "blob", required=True, help="LAUNCH_MEASURE blob: file, hex or base64 (48 bytes)")
+@click.option("--tik", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option("--api-version", required=True, help="SEV firmware API version MAJ.MIN")
+@click.option("--build", "build_id", type=click.IntRange(0, 255), required=True)
+@click.option("--json", "as_json", is_flag=True)
+def verify_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool, vmsa_features: str,
+               blob: str, tik: Path, api_version: str, build_id: int, as_json: bool) -> None:
+    """Check a reported launch measurement against the firmware image: exit 0 on match, 1 on mismatch."""
+    try:
+        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features)
+        major, minor = _api_version(api_version)
+        result = verify(_decode_blob(blob), _read_tik(tik), digest=launch_digest(plan), api_major=major,
+                        api_minor=minor, build=build_id, policy=plan.policy,
+                        assumed=_assumed(plan, firmware, cpu_type))
+    except VmmdError as err:
+        _fail(err)
+        return
+    if as_json:
+        click.echo(json.dumps({"match": result.match, "reported": result.reported.hex(),
+                               "expected": result.expected.hex(), "assumed": result.assumed}, sort_keys=True))
+    elif result.match:
+        click.echo(f"match: {result.reported.hex()}")
+    else:
+        click.echo("MISMATCH")
+        click.echo(f"  reported: {result.reported.hex()}")
+        click.echo(f"  expected: {result.expected.hex()}")
+        click.echo("  assuming:")
+        for key, value in result.assumed.items():
+            click.echo(f"    {key}: {value}")
+    sys.exit(0 if result.match else 1)
