@@ -3,7 +3,7 @@
 A module under check declares LAYOUT_HEADERS (headers to #include),
 LAYOUT_STRUCTS (ctypes classes named as the C struct, or with a `_c_name_`),
 LAYOUT_CONSTANTS (names of module attributes equal to C macros/enums) and
-optionally ADDED_IN {name: linux release} for items newer than the installed
+LAYOUT_ENUM_CONSTANTS (enumerators), optionally ADDED_IN {name: linux release} for items newer than the installed
 headers may be, and LAYOUT_INCLUDE_DIRS.
 """
 
@@ -74,7 +74,13 @@ def check_module(module, structs=None) -> LayoutReport:
             key = f"sizeof {cname}.{path}"
             expected[key] = size
             lines.append(f'printf("%s=%llu\\n", "{key}", (unsigned long long)sizeof((({cname} *)0)->{path}));')
-    for name in module.LAYOUT_CONSTANTS:
+    for name in getattr(module, "LAYOUT_ENUM_CONSTANTS", []):  # enumerators: #ifdef cannot see them
+        if name in added_in and not _compiles(headers, include_dirs, f"(void)({name})"):
+            report.unavailable.append(f"{name} (added in Linux {added_in[name]})")
+            continue
+        expected[name] = int(getattr(module, name)) & 0xFFFF_FFFF_FFFF_FFFF
+        lines.append(f'printf("%s=%llu\\n", "{name}", (unsigned long long)({name}));')
+    for name in getattr(module, "LAYOUT_CONSTANTS", []):
         value = getattr(module, name)
         expected[name] = int(value) & 0xFFFF_FFFF_FFFF_FFFF
         lines.append(f'#ifdef {name}\nprintf("%s=%llu\\n", "{name}", (unsigned long long)({name}));\n'

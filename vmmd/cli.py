@@ -36,9 +36,11 @@ def main() -> None:
 @click.option("--console", "console_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the serial console to FILE instead of standard output")
 @click.option("--guest-arg", type=str, default="0", help="a number handed to the guest in its boot-info page")
+@click.option("--net", type=str, default=None, metavar="tap[:BRIDGE]",
+              help="attach a virtio-net device backed by a new tap (optionally enslaved to BRIDGE)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
 def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | None, console_path: Path | None,
-        guest_arg: str, quiet: bool) -> None:
+        guest_arg: str, net: str | None, quiet: bool) -> None:
     """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig, parse_size
@@ -52,7 +54,7 @@ def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | 
     out = None
     try:
         config = MachineConfig(firmware=firmware, memory_bytes=parse_size(memory), cpus=cpus, platform=platform,
-                               timeout=timeout, guest_arg=arg).validate()
+                               timeout=timeout, guest_arg=arg, net=net).validate()
         chosen, note = select_platform(platform)
         if console_path is not None:
             out = open(console_path, "wb")

@@ -59,6 +59,7 @@ struct vmmd_bootinfo {
 	struct vmmd_mem_range mem_ranges[VMMD_MAX_MEM_RANGES];
 	uint64_t guest_arg;        /* `vmctl run --guest-arg N`: a number for test and benchmark guests */
 	uint64_t mmio_testdev_gpa; /* vmmd-testdev MMIO scratch page (reads return what was written) */
+	uint64_t virtio_net_gpa;   /* virtio-mmio (v2) register page of the virtio-net device, 0 = none */
 };
 
 #endif /* VMMD_BOOTINFO_H */

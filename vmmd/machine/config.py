@@ -33,6 +33,7 @@ class MachineConfig:
     timeout: float | None = None  # seconds; None = no limit
     guest_arg: int = 0
     name: str = "guest"
+    net: str | None = None  # "tap[:BRIDGE]": a virtio-net device backed by a tap (vmmd.net)
 
     def validate(self) -> "MachineConfig":
         if self.memory_bytes % PAGE_SIZE:

@@ -29,3 +29,6 @@ DATA_SELECTOR = 0x10
 
 MMIO_TESTDEV_GPA = 0xFEB0_0000  # vmmd-testdev: one 4 KiB MMIO scratch page (below the IOAPIC at 0xFEC00000)
 MMIO_TESTDEV_SIZE = 0x1000
+VIRTIO_NET_MMIO_GPA = 0xFEB0_1000  # virtio-mmio register page of the virtio-net device (when --net is given)
+VIRTIO_MMIO_SIZE = 0x1000
+VIRTIO_NET_IRQ = 5  # ISA IRQ line used when an in-kernel irqchip exists

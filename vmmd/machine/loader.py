@@ -101,13 +101,13 @@ def write_gdt(memory: GuestMemory) -> None:
 
 
 def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_port: int, c_bit: int,
-                   guest_arg: int) -> None:
+                   guest_arg: int, virtio_net_gpa: int = 0) -> None:
     info = bi.vmmd_bootinfo(magic=bi.VMMD_BOOTINFO_MAGIC, version=bi.VMMD_BOOTINFO_VERSION,
                             size=ctypes.sizeof(bi.vmmd_bootinfo), platform=bi.PLATFORM_CODES[platform],
                             cpu_count=cpu_count, console_port=L.CONSOLE_PORT, debug_exit_port=L.DEBUG_EXIT_PORT,
                             doorbell_port=doorbell_port, ghcb_gpa=L.GHCB_BASE_GPA, shared_gpa=L.SHARED_GPA,
                             shared_size=L.SHARED_SIZE, c_bit=c_bit, guest_arg=guest_arg & (2**64 - 1),
-                            mmio_testdev_gpa=L.MMIO_TESTDEV_GPA)
+                            mmio_testdev_gpa=L.MMIO_TESTDEV_GPA, virtio_net_gpa=virtio_net_gpa)
     ranges = [(0, L.FIRMWARE_LOAD_GPA, bi.VMMD_MEM_RESERVED)]
     for gpa, size in memory.ranges():
         start = max(gpa, L.FIRMWARE_LOAD_GPA)
@@ -122,13 +122,13 @@ def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_
 
 
 def load_flat_firmware(memory: GuestMemory, path: str | Path, platform: str, cpu_count: int, doorbell_port: int = 0,
-                       c_bit: int = 0, guest_arg: int = 0) -> tuple[LoadedImage, int]:
+                       c_bit: int = 0, guest_arg: int = 0, virtio_net_gpa: int = 0) -> tuple[LoadedImage, int]:
     """Write image + VMM structures into guest RAM; returns (image, cr3)."""
     if cpu_count > L.MAX_VCPUS:
         raise VmmdError(f"at most {L.MAX_VCPUS} vCPUs are supported, {cpu_count} were asked for")
     data = read_firmware(path, memory.ram_bytes)
     memory.write(L.FIRMWARE_LOAD_GPA, data)
-    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg)
+    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg, virtio_net_gpa)
     write_gdt(memory)
     shared = [(L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE), (L.SHARED_GPA, L.SHARED_SIZE)]
     cr3 = build_page_tables(memory, c_bit, shared)

@@ -70,6 +70,7 @@ class Machine:
         self.port_bus.insert(DebugExit(), L.DEBUG_EXIT_PORT, 2)
         self.mmio_bus.insert(TestDev(), L.MMIO_TESTDEV_GPA, L.MMIO_TESTDEV_SIZE)
         self.cpuid: CpuidTable | None = None
+        self.network = None  # vmmd.net handle with close(), when config.net is set
         self.ctx = ExitContext(self.port_bus, self.mmio_bus)
         self._stop: VmStop | None = None
         self._stop_lock = threading.Lock()
@@ -82,7 +83,8 @@ class Machine:
             self.kvm = Kvm()
             self.memory = GuestMemory.with_ram(cfg.memory_bytes)
             image, cr3 = load_flat_firmware(self.memory, cfg.firmware, self.platform.name, cfg.cpus,
-                                            self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg)
+                                            self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg,
+                                            L.VIRTIO_NET_MMIO_GPA if cfg.net else 0)
             self.image = image
             self.vm = self.kvm.create_vm(self.platform.vm_type)
             self.vm.set_tss_addr()
@@ -98,6 +100,10 @@ class Machine:
                 vcpu.set_regs(entry_regs(image, index))
                 self.vcpus.append(vcpu)
             self.ctx.halt_stops_vm = cfg.cpus == 1
+            if cfg.net:
+                from vmmd.net.attach import attach_network  # only guests with a network pay for pyroute2
+
+                self.network = attach_network(self, cfg.net)
             self.platform.attach(self, self.ctx)
             self.platform.launch(self)
         except BaseException:
@@ -164,6 +170,9 @@ class Machine:
                          "unmapped_port_reads": self.port_bus.unmapped_reads})
 
     def close(self) -> None:
+        if self.network is not None:
+            self.network.close()
+            self.network = None
         if self.vm is not None:
             self.vm.close()
             self.vm = None
