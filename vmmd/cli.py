@@ -59,9 +59,9 @@ def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | 
         if console_path is not None:
             out = open(console_path, "wb")
         console = Console(out if out is not None else sys.stdout.buffer, line_buffered=True)
+        machine = Machine(config, chosen, console.write).build()
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
-        machine = Machine(config, chosen, console.write).build()
     except VmmdError as err:
         if out is not None:
             out.close()
@@ -79,6 +79,38 @@ def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | 
         click.echo(f"vmctl: guest ended ({result.kind}): {result.reason} [{result.seconds:.3f} s]", err=True)
     sys.stdout.flush()
     os._exit(int(result.exit_code)) if result.kind == "interrupted" else sys.exit(int(result.exit_code))
+
+
+@main.command()
+@click.option("--memory", "-m", default=None, help="also check RLIMIT_MEMLOCK against a guest of this size")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+def host(memory: str | None, as_json: bool) -> None:
+    """What this host can run (plain, sev-es-emu, sev-es) and, where not, why."""
+    import json
+
+    from vmmd.machine.config import parse_size
+    from vmmd.sev.host import format_host_report, host_report
+
+    try:
+        report = host_report(parse_size(memory) if memory else None)
+    except VmmdError as err:
+        _fail(str(err), err.exit_code)
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_host_report(report))
+
+
+def _register_optional_commands() -> None:
+    from vmmd.cli_measure import measure_cmd, verify_cmd
+
+    main.add_command(measure_cmd)
+    main.add_command(verify_cmd)
+    try:
+        from vmmd.cli_daemon import register
+    except ImportError:
+        return
+    register(main)
+
+
+_register_optional_commands()
 
 
 if __name__ == "__main__":

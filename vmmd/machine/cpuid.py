@@ -59,11 +59,16 @@ class CpuidTable:
         return out
 
 
+BRAND_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)
+
+
 def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, platform: str,
-                      doorbell_port: int = 0) -> CpuidTable:
+                      doorbell_port: int = 0, host_cpuid=None) -> CpuidTable:
     """Filter KVM's supported CPUID for this machine.
 
     - leaf 1: hypervisor bit set, logical processor count = vcpu_count;
+    - brand string (0x80000002..4): the host's, as QEMU's -cpu host does, where KVM reports it empty
+      and `host_cpuid(leaf)` is given;
     - leaf 0x8000001F (AMD memory encryption) only on sev-es, as the hardware reports it;
     - the emulator's signature leaves only on sev-es-emu.
     """
@@ -77,6 +82,11 @@ def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, p
             continue
         if EMU_LEAF_BASE <= c.function < EMU_LEAF_BASE + 0x100:
             continue
+        if c.function in BRAND_LEAVES and host_cpuid is not None and not (c.eax | c.ebx | c.ecx | c.edx):
+            try:
+                c.eax, c.ebx, c.ecx, c.edx = host_cpuid(c.function)
+            except OSError:
+                pass
         entries.append(c)
     if platform == "sev-es-emu":
         entries.extend(emulator_leaves(doorbell_port))

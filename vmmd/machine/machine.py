@@ -18,7 +18,8 @@ from vmmd.devices.debug_exit import DebugExit
 from vmmd.devices.testdev import TestDev
 from vmmd.devices.uart import Uart16550
 from vmmd.errors import ExitCode, VmStop
-from vmmd.kvm import Kvm, uapi
+from vmmd.hostcpu import host_cpuid
+from vmmd.kvm import Kvm
 from vmmd.machine import layout as L
 from vmmd.machine.config import MachineConfig
 from vmmd.machine.cpuid import CpuidTable, build_cpuid_table
@@ -91,7 +92,7 @@ class Machine:
             self.vm.add_memory(self.memory)
             self.platform.configure_vm(self)
             self.cpuid = build_cpuid_table(self.kvm.get_supported_cpuid(), cfg.cpus, self.platform.name,
-                                           self.platform.doorbell_port)
+                                           self.platform.doorbell_port, host_cpuid)
             xsave = bool(self.cpuid.lookup(1)[2] & CPUID_1_ECX_XSAVE)
             for index in range(cfg.cpus):
                 vcpu = self.vm.create_vcpu(index)

@@ -1,0 +1,67 @@
+# vmmd: `make run` boots the demo guest, `make test` runs the whole suite.
+# Both install what they need first: Debian packages (when missing), a .venv
+# with the package and its test dependencies, and the firmware images.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# gcc/binutils/make build firmware/ and the layout probes; linux-libc-dev holds the
+# kernel headers the layout test compares against; ovmf feeds the measurement
+# interop test; python3-venv makes the .venv on Debian.
+APT_PACKAGES := gcc binutils make libc6-dev linux-libc-dev ovmf python3-venv
+BENCH_APT_PACKAGES := qemu-system-x86
+TIMEOUT ?= 60
+
+.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean
+
+all: deps firmware
+
+run: deps firmware
+	$(VENV)/bin/vmctl run firmware/build/demo.bin --platform auto --timeout $(TIMEOUT)
+
+test: deps firmware
+	$(PY) -m pytest -q tests
+
+lint: deps
+	$(VENV)/bin/ruff check vmmd tests scripts
+
+bench: deps firmware bench-deps
+	@for b in scripts/bench/*.py; do case $$b in */common.py) continue;; esac; \
+	  echo "== $$b"; $(PY) $$b || exit 1; done
+
+firmware:
+	$(MAKE) -C firmware
+
+deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | apt-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Install Debian packages only when one is missing; say how when not root.
+define apt_install
+	@missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing -- run: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+endef
+
+apt-deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+bench-deps:
+	$(call apt_install,$(BENCH_APT_PACKAGES))
+
+clean:
+	$(MAKE) -C firmware clean
+	rm -rf $(VENV) *.egg-info .pytest_cache

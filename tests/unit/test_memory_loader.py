@@ -1,0 +1,117 @@
+"""Guest memory bounds, RAM layout around the PCI hole, the flat loader and CPUID table, on real KVM where needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmmd.errors import GuestMemoryError, VmmdError
+from vmmd.kvm import Kvm, uapi
+from vmmd.machine import bootinfo as bi
+from vmmd.machine import layout as L
+from vmmd.machine.config import MachineConfig, parse_size
+from vmmd.machine.cpuid import HYPERVISOR_SIGNATURE, build_cpuid_table
+from vmmd.machine.loader import PTE_P, PTE_PS, load_flat_firmware
+from vmmd.memory import FOUR_GIB_GPA, PCI_HOLE_START_GPA, GuestMemory, ram_layout
+
+
+def test_ram_layout_splits_at_pci_hole() -> None:
+    assert ram_layout(64 << 20) == [(0, 64 << 20)]
+    assert ram_layout(4 << 30) == [(0, PCI_HOLE_START_GPA), (FOUR_GIB_GPA, (4 << 30) - PCI_HOLE_START_GPA)]
+
+
+@pytest.mark.parametrize("gpa,size", [(-1, 1), ((4 << 20) - 4, 8), (4 << 20, 1), (0, (4 << 20) + 1), (2**64, 1),
+                                      (0x1000, -1)])
+def test_view_refuses_ranges_leaving_ram(gpa: int, size: int) -> None:
+    memory = GuestMemory.with_ram(4 << 20)
+    with pytest.raises(GuestMemoryError):
+        memory.view(gpa, size)
+    assert not memory.contains(gpa, size)
+
+
+def test_view_refuses_range_across_the_hole() -> None:
+    memory = GuestMemory.with_ram(PCI_HOLE_START_GPA + (2 << 20))
+    assert memory.contains(FOUR_GIB_GPA, 4096)
+    with pytest.raises(GuestMemoryError):
+        memory.view(PCI_HOLE_START_GPA - 8, 16)
+    with pytest.raises(GuestMemoryError):
+        memory.view(PCI_HOLE_START_GPA, 8)
+
+
+def test_views_are_zero_copy() -> None:
+    memory = GuestMemory.with_ram(4 << 20)
+    view = memory.view(0x2000, 16)
+    view[:4] = [1, 2, 3, 4]
+    assert memory.read(0x2000, 4) == b"\x01\x02\x03\x04"
+
+
+@pytest.mark.parametrize("size", [4095, 1 << 20])
+def test_bad_sizes(size: int) -> None:
+    with pytest.raises(GuestMemoryError):
+        GuestMemory.with_ram(size)
+
+
+def test_parse_size() -> None:
+    assert parse_size("64M") == 64 << 20 and parse_size("2g") == 2 << 30 and parse_size("4096") == 4096
+    assert parse_size("1GiB") == 1 << 30
+    with pytest.raises(VmmdError):
+        parse_size("12X")
+
+
+def test_config_validation() -> None:
+    with pytest.raises(VmmdError):
+        MachineConfig(firmware="x", cpus=0).validate()
+
+
+def test_loader_builds_identity_map_bootinfo_and_gdt(tmp_path) -> None:
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"\xf4" * 100)
+    memory = GuestMemory.with_ram(64 << 20)
+    loaded, cr3 = load_flat_firmware(memory, image, "sev-es-emu", 2, L.DOORBELL_PORT, 0, 42)
+    assert cr3 == L.PML4_GPA and loaded.entry_gpa == L.FIRMWARE_LOAD_GPA
+    assert memory.read(L.FIRMWARE_LOAD_GPA, 100) == b"\xf4" * 100
+    info = bi.vmmd_bootinfo.from_buffer_copy(memory.read(L.BOOTINFO_GPA, 4096)[:len(bytes(bi.vmmd_bootinfo()))])
+    assert info.magic == bi.VMMD_BOOTINFO_MAGIC and info.platform == bi.VMMD_PLATFORM_SEV_ES_EMU
+    assert info.cpu_count == 2 and info.guest_arg == 42 and info.doorbell_port == L.DOORBELL_PORT
+    assert info.ghcb_gpa == L.GHCB_BASE_GPA and info.console_port == 0x3F8
+    # 2 MiB page for 0xFEB00000 (MMIO test page) maps to itself
+    gib, index = divmod(L.MMIO_TESTDEV_GPA, 1 << 30)
+    pde = memory.read_u64(L.PD_BASE_GPA + gib * 4096 + 8 * (index >> 21))
+    assert pde & ~0xFFF == L.MMIO_TESTDEV_GPA & ~((2 << 20) - 1) and pde & PTE_PS and pde & PTE_P
+    measured = loaded.measured_regions()
+    assert measured[0][0] == L.BOOTINFO_GPA and all(gpa % 16 == 0 and size % 16 == 0 for gpa, size, _ in measured)
+
+
+def test_loader_c_bit_clear_on_shared_pages(tmp_path) -> None:
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"\x90" * 16)
+    memory = GuestMemory.with_ram(64 << 20)
+    _, cr3 = load_flat_firmware(memory, image, "sev-es", 1, 0, 51, 0)
+    c = 1 << 51
+    assert cr3 & c
+    assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.GHCB_BASE_GPA >> 12)) & c == 0
+    assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.SHARED_GPA >> 12)) & c == 0
+    assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.BOOTINFO_GPA >> 12)) & c
+
+
+def test_cpuid_table_from_real_kvm() -> None:
+    supported = Kvm().get_supported_cpuid()
+    emu = build_cpuid_table(supported, 2, "sev-es-emu", L.DOORBELL_PORT)
+    eax, ebx, ecx, edx = emu.lookup(0x40000100)
+    assert b"".join(r.to_bytes(4, "little") for r in (ebx, ecx, edx)) == HYPERVISOR_SIGNATURE
+    assert emu.lookup(0x40000101)[0] == L.DOORBELL_PORT
+    plain = build_cpuid_table(supported, 1, "plain")
+    assert plain.lookup(0x40000100) == (0, 0, 0, 0)
+    assert plain.lookup(0x8000001F) == (0, 0, 0, 0)
+    assert emu.for_vcpu(1)[[e.function for e in emu.entries].index(1)].ebx >> 24 == 1
+    assert plain.lookup(1)[2] & (1 << 31)
+
+
+def test_vcpu_accepts_table(tmp_path) -> None:
+    kvm = Kvm()
+    table = build_cpuid_table(kvm.get_supported_cpuid(), 1, "sev-es-emu", L.DOORBELL_PORT)
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid2(table.for_vcpu(0))
+    assert isinstance(vcpu.get_regs(), uapi.kvm_regs)
+    vm.close()
+    kvm.close()
