@@ -62,6 +62,11 @@ def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | 
         machine = Machine(config, chosen, console.write).build()
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
+            launch = getattr(chosen, "launch_result", None)
+            if launch is not None:
+                what = "measured" if chosen.encrypts else (
+                    f"what sev-es hardware would measure, C-bit {chosen.launch_inputs.c_bit}")
+                click.echo(f"vmctl: launch digest ({what}): {launch.expected_digest.hex()}", err=True)
     except VmmdError as err:
         if out is not None:
             out.close()

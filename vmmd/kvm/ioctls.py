@@ -12,7 +12,7 @@ from ioctl_opt import IO, IOR, IOW, IOWR
 
 from vmmd.kvm.uapi import (
     KVMIO, kvm_cpuid2, kvm_device_attr, kvm_enable_cap, kvm_enc_region, kvm_fpu, kvm_msr_filter, kvm_msrs,
-    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_xcrs,
+    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_xcrs, kvm_xsave,
 )
 
 # /dev/kvm
@@ -45,6 +45,8 @@ KVM_SET_FPU = IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)  # KVM_CAP_EXT_CPUID
 KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, kvm_cpuid2)  # KVM_CAP_EXT_CPUID
 KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)  # vCPU, and VM fd with KVM_CAP_ENABLE_CAP_VM
+KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)  # KVM_CAP_XSAVE
+KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)  # KVM_CAP_XSAVE
 KVM_GET_XCRS = IOR(KVMIO, 0xA6, kvm_xcrs)  # KVM_CAP_XCRS
 KVM_SET_XCRS = IOW(KVMIO, 0xA7, kvm_xcrs)  # KVM_CAP_XCRS
 # VM fd, memory encryption (SEV)

@@ -287,6 +287,14 @@ class Vcpu:
             buf.entries[i] = entry
         _ioctl(self.fd, io.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
+    def get_xsave(self) -> uapi.kvm_xsave:
+        xsave = uapi.kvm_xsave()
+        _ioctl(self.fd, io.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
+        return xsave
+
+    def set_xsave(self, xsave: uapi.kvm_xsave) -> None:
+        _ioctl(self.fd, io.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
+
     def get_xcrs(self) -> uapi.kvm_xcrs:
         xcrs = uapi.kvm_xcrs()
         _ioctl(self.fd, io.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")

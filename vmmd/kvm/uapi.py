@@ -100,6 +100,12 @@ class kvm_msr_filter(ctypes.Structure):
     _fields_ = [("flags", u32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
 
 
+class kvm_xsave(ctypes.Structure):
+    """The 4 KiB legacy form (KVM_GET_XSAVE); larger with KVM_CAP_XSAVE2."""
+
+    _fields_ = [("region", u32 * 1024)]
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
@@ -240,7 +246,7 @@ KVM_CAP_VM_TYPES = 235  # since Linux 6.10: not in Debian 12's headers
 LAYOUT_HEADERS = ["linux/kvm.h", "asm/kvm.h"]
 LAYOUT_STRUCTS = [
     kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_msr_entry, kvm_msrs, kvm_cpuid_entry2,
-    kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_msr_filter_range, kvm_msr_filter, kvm_pit_config,
+    kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_xsave, kvm_msr_filter_range, kvm_msr_filter, kvm_pit_config,
     kvm_userspace_memory_region, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
 ]
 LAYOUT_CONSTANTS = [

@@ -35,7 +35,7 @@ class MachineConfig:
     name: str = "guest"
     net: str | None = None  # "tap[:BRIDGE]": a virtio-net device backed by a tap (vmmd.net)
 
-    def validate(self) -> "MachineConfig":
+    def validate(self) -> MachineConfig:
         if self.memory_bytes % PAGE_SIZE:
             raise VmmdError(f"memory size {self.memory_bytes} bytes is not a multiple of 4 KiB")
         if self.memory_bytes < MIN_MEMORY_BYTES:

@@ -25,6 +25,9 @@ def emulator_leaves(doorbell_port: int) -> list[uapi.kvm_cpuid_entry2]:
             _entry(EMU_LEAF_BASE + 1, eax=doorbell_port)]
 
 
+CPUID_1_ECX_XSAVE = 1 << 26
+
+
 class CpuidTable:
     """An ordered list of kvm_cpuid_entry2 with KVM's lookup rule (arch/x86/kvm/cpuid.c kvm_find_cpuid_entry)."""
 
@@ -45,6 +48,11 @@ class CpuidTable:
         if regs is None:
             regs = self._any_index.get(function, (0, 0, 0, 0))
         return regs
+
+    @property
+    def has_xsave(self) -> bool:
+        """CPUID 1 ECX.XSAVE: whether the entry state may set CR4.OSXSAVE."""
+        return bool(self.lookup(1)[2] & CPUID_1_ECX_XSAVE)
 
     def for_vcpu(self, vcpu_index: int) -> list[uapi.kvm_cpuid_entry2]:
         """Copies with this vCPU's APIC ID in leaf 1 EBX[31:24] and the x2APIC ID in leaves 0xB/0x1F EDX."""

@@ -14,7 +14,6 @@ ones (APM vol. 2, 15.34.5: the C-bit in a page-table entry selects encryption).
 from __future__ import annotations
 
 import ctypes
-
 from dataclasses import dataclass
 from pathlib import Path
 

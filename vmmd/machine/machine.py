@@ -29,7 +29,6 @@ from vmmd.machine.runloop import ExitContext, run_vcpu
 from vmmd.memory import GuestMemory
 
 KICK_SIGNAL = signal.SIGUSR1
-CPUID_1_ECX_XSAVE = 1 << 26
 
 
 @dataclass
@@ -78,7 +77,7 @@ class Machine:
         self._done = threading.Event()
 
     # --- building ---------------------------------------------------------------------------------------------
-    def build(self) -> "Machine":
+    def build(self) -> Machine:
         cfg = self.config
         try:
             self.kvm = Kvm()
@@ -87,19 +86,12 @@ class Machine:
                                             self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg,
                                             L.VIRTIO_NET_MMIO_GPA if cfg.net else 0)
             self.image = image
-            self.vm = self.kvm.create_vm(self.platform.vm_type)
-            self.vm.set_tss_addr()
-            self.vm.add_memory(self.memory)
+            self.cr3 = cr3
+            self.vm = self.platform.create_vm(self)
             self.platform.configure_vm(self)
             self.cpuid = build_cpuid_table(self.kvm.get_supported_cpuid(), cfg.cpus, self.platform.name,
                                            self.platform.doorbell_port, host_cpuid)
-            xsave = bool(self.cpuid.lookup(1)[2] & CPUID_1_ECX_XSAVE)
-            for index in range(cfg.cpus):
-                vcpu = self.vm.create_vcpu(index)
-                vcpu.set_cpuid2(self.cpuid.for_vcpu(index))
-                vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs(), cr3, xsave))
-                vcpu.set_regs(entry_regs(image, index))
-                self.vcpus.append(vcpu)
+            self.platform.create_vcpus(self)
             self.ctx.halt_stops_vm = cfg.cpus == 1
             if cfg.net:
                 from vmmd.net.attach import attach_network  # only guests with a network pay for pyroute2
@@ -170,10 +162,21 @@ class Machine:
                         {"unmapped_port_writes": self.port_bus.unmapped_writes,
                          "unmapped_port_reads": self.port_bus.unmapped_reads})
 
+    def create_vcpus_at_entry(self) -> None:
+        """Create every vCPU with this machine's CPUID and the documented 64-bit entry state."""
+        xsave = self.cpuid.has_xsave
+        for index in range(self.config.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            vcpu.set_cpuid2(self.cpuid.for_vcpu(index))
+            vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs(), self.cr3, xsave))
+            vcpu.set_regs(entry_regs(self.image, index))
+            self.vcpus.append(vcpu)
+
     def close(self) -> None:
         if self.network is not None:
             self.network.close()
             self.network = None
+        self.platform.release(self)
         if self.vm is not None:
             self.vm.close()
             self.vm = None

@@ -31,6 +31,19 @@ class Platform:
     encrypts = False
     description = "plain KVM guest: no GHCB, the guest uses real I/O instructions"
 
+    def create_vm(self, machine):
+        """The KVM VM with guest memory registered."""
+        vm = machine.kvm.create_vm(self.vm_type)
+        vm.set_tss_addr()
+        vm.add_memory(machine.memory)
+        return vm
+
+    def create_vcpus(self, machine) -> None:
+        machine.create_vcpus_at_entry()
+
+    def release(self, machine) -> None:
+        """Give back platform resources (called from Machine.close(), also after a failed build)."""
+
     def configure_vm(self, machine) -> None:
         """After the VM and its memory exist, before vCPUs: trap the SEV MSRs into userspace."""
         vm = machine.vm
@@ -81,6 +94,18 @@ class SevEsEmuPlatform(Platform):
                 vcpu.complete_msr_exit(self.service.read_ghcb_msr(vcpu.index), error=False)
         else:
             super().handle_msr(vcpu, ex)
+
+    def launch(self, machine) -> None:
+        """Run the SEV-ES launch sequence against the software model to report the hardware's launch digest."""
+        from vmmd.sev.platform import FlatLaunchInputs, emulated_launch
+
+        self.launch_inputs = FlatLaunchInputs()
+        self.launch_result = emulated_launch(machine, self.launch_inputs)
+
+    def release(self, machine) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close()
 
     def doorbell(self, vcpu) -> int:
         return VCPU_HALTED if self.service.vmgexit(vcpu.index, vcpu) is self._halt else CONTINUE

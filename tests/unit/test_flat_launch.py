@@ -1,0 +1,80 @@
+"""The launch digest sev-es-emu reports equals what the sev-es hardware path would measure for the same inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmmd.kvm import Kvm
+from vmmd.machine.config import MachineConfig
+from vmmd.machine.cpuid import build_cpuid_table
+from vmmd.machine.loader import load_flat_firmware
+from vmmd.machine.machine import Machine
+from vmmd.machine.platform import SevEsEmuPlatform
+from vmmd.memory import GuestMemory
+from vmmd.sev.platform import FlatLaunchInputs, flat_launch_plan, reset_sregs_template
+from vmmd.sev.vmsa import build_vmsa
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "firmware" / "build" / "hello.bin"
+
+
+def hardware_path_digest(firmware: Path, memory_bytes: int, cpus: int, inputs: FlatLaunchInputs) -> bytes:
+    """What SevEsPlatform.launch() would hash: regions as the hardware loader lays them out, then VMSAs.
+
+    Hashed here by hand from the guest bytes, not through measure.launch_digest()."""
+    memory = GuestMemory.with_ram(memory_bytes)
+    image, cr3 = load_flat_firmware(memory, firmware, "sev-es", cpus, 0, inputs.c_bit, 0)
+    kvm = Kvm()
+    xsave = build_cpuid_table(kvm.get_supported_cpuid(), cpus, "sev-es").has_xsave
+    plan = flat_launch_plan(memory, image, cr3, cpus, inputs, reset_sregs_template(kvm), xsave)
+    digest = hashlib.sha256()
+    for gpa, size, _ in image.measured_regions():
+        digest.update(memory.read(gpa, size))
+    for launch in plan.vcpus:
+        digest.update(bytes(build_vmsa(launch.state, vmsa_features=inputs.vmsa_features, init2=inputs.init2)))
+    memory.close()
+    return digest.digest()
+
+
+@pytest.fixture(scope="module")
+def emu_machine_digest() -> bytes:
+    if not HELLO.exists():
+        pytest.fail("firmware/build/hello.bin is missing: run `make -C firmware`")
+    machine = Machine(MachineConfig(firmware=HELLO, memory_bytes=16 << 20, cpus=2, platform="sev-es-emu"),
+                      SevEsEmuPlatform(), lambda data: None).build()
+    try:
+        assert machine.platform.launch_result.steps[-1] == "finish"
+        return machine.platform.launch_result.expected_digest
+    finally:
+        machine.close()
+
+
+def test_emulator_digest_equals_hardware_path(emu_machine_digest: bytes) -> None:
+    assert emu_machine_digest == hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())
+
+
+def test_digest_depends_on_every_input(emu_machine_digest: bytes, tmp_path) -> None:
+    changed = tmp_path / "hello-changed.bin"
+    data = bytearray(HELLO.read_bytes())
+    data[-1] ^= 1
+    changed.write_bytes(bytes(data))
+    base = FlatLaunchInputs()
+    assert hardware_path_digest(changed, 16 << 20, 2, base) != emu_machine_digest
+    assert hardware_path_digest(HELLO, 16 << 20, 1, base) != emu_machine_digest
+    assert hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs(c_bit=47)) != emu_machine_digest
+    assert hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs(init2=False)) != emu_machine_digest
+
+
+def test_vmctl_run_reports_the_digest() -> None:
+    proc = subprocess.run([sys.executable, "-m", "vmmd.cli", "run", str(HELLO), "-p", "sev-es-emu", "-m", "16M",
+                           "--cpus", "2", "-t", "30"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"launch digest \(what sev-es hardware would measure, C-bit 51\): ([0-9a-f]{64})", proc.stderr)
+    assert match
+    assert bytes.fromhex(match.group(1)) == hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())

@@ -1,0 +1,162 @@
+"""The sev-es platform (real hardware) and the launch plan of a flat firmware guest.
+
+`flat_launch_plan()` is the one description of what an SEV-ES launch of a flat
+firmware image measures: the VMM-built low area (boot info, GDT, page tables
+with the C-bit) and the image, in `LoadedImage.measured_regions()` order, then
+one VMSA per vCPU from the documented 64-bit entry state. The hardware platform
+launches exactly that plan through the sequencer (vmmd/sev/launch.py); the
+sev-es-emu platform runs the same sequencer against the software model
+(`SevModel`) over a copy laid out for the hardware C-bit, so the digest it
+reports is the one the PSP would compute for the same inputs.
+
+Sequence as QEMU target/i386/sev.c and the KVM selftests (lib/x86/sev.c) do it:
+INIT2 (or ES_INIT) before vCPUs, REG_REGION for RAM, LAUNCH_START,
+LAUNCH_UPDATE_DATA, vCPU state, LAUNCH_UPDATE_VMSA, LAUNCH_MEASURE, LAUNCH_FINISH.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmmd.errors import ExitCode, VmmdError, VmStop
+from vmmd.kvm import uapi as kvm_uapi
+from vmmd.machine.loader import LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
+from vmmd.machine.platform import Platform
+from vmmd.memory import GuestMemory
+from vmmd.sev import measure
+from vmmd.sev.vmsa import VcpuState, fill_kvm_regs, fill_kvm_sregs, fill_xsave
+
+DEFAULT_HW_C_BIT = 51  # EPYC 7xx2/7xx3/9xx4 report C-bit 51 in CPUID 0x8000001F EBX[5:0]
+
+
+@dataclass
+class FlatLaunchInputs:
+    """What determines the launch digest of a flat firmware guest."""
+
+    policy: int = measure.DEFAULT_SEVES_POLICY
+    init2: bool = True
+    vmsa_features: int = 0
+    c_bit: int = DEFAULT_HW_C_BIT
+
+
+def reset_sregs_template(kvm) -> kvm_uapi.kvm_sregs:
+    """A vCPU's reset sregs on this host (TR/LDT differ between SVM and VMX), from a throwaway VM."""
+    vm = kvm.create_vm(0)
+    try:
+        return vm.create_vcpu(0).get_sregs()
+    finally:
+        vm.close()
+
+
+def entry_states(image: LoadedImage, cr3: int, cpus: int, template: kvm_uapi.kvm_sregs, xsave: bool) -> list[VcpuState]:
+    states = []
+    for index in range(cpus):
+        sregs = long_mode_sregs(kvm_uapi.kvm_sregs.from_buffer_copy(template), cr3, xsave)
+        xcr0 = 1  # x87 only: the flat firmware uses no SSE/AVX (-mgeneral-regs-only)
+        states.append(VcpuState.from_kvm(entry_regs(image, index), sregs, xcr0=xcr0))
+    return states
+
+
+def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: int, inputs: FlatLaunchInputs,
+                     template: kvm_uapi.kvm_sregs, xsave: bool) -> measure.LaunchPlan:
+    regions = tuple(measure.MeasuredRegion(gpa, memory.view(gpa, size), name)
+                    for gpa, size, name in image.measured_regions())
+    states = entry_states(image, cr3, cpus, template, xsave)
+    return measure.LaunchPlan(regions=regions,
+                              vcpus=measure.build_vcpu_launches(states, init2=inputs.init2,
+                                                                vmsa_features=inputs.vmsa_features),
+                              policy=inputs.policy, init2=inputs.init2, vmsa_features=inputs.vmsa_features,
+                              cpu_sig=0)
+
+
+def emulated_launch(machine, inputs: FlatLaunchInputs):
+    """Run the launch sequence against the software model over a hardware-layout copy; returns LaunchResult."""
+    from vmmd.sev.launch import SevEsLaunch, SevModel
+
+    cfg = machine.config
+    copy = GuestMemory.with_ram(cfg.memory_bytes)
+    try:
+        image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
+        xsave = machine.cpuid.has_xsave
+        plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs, reset_sregs_template(machine.kvm), xsave)
+        model = SevModel(copy, has_init2=inputs.init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
+        result = SevEsLaunch(model, plan).run(lambda plan: None)
+        if result.expected_digest != model.launch_digest:
+            raise VmmdError("the software model's launch digest differs from the plan's: vmmd bug")
+        return result
+    finally:
+        copy.close()
+
+
+class SevEsPlatform(Platform):
+    """Real SEV-ES: the host kernel services VMGEXIT; vmmd owns the launch and termination decoding."""
+
+    name = "sev-es"
+    encrypts = True
+    description = "sev-es: AMD SEV-ES hardware; the kernel services VMGEXIT, memory and registers are encrypted"
+
+    def __init__(self, inputs: FlatLaunchInputs | None = None) -> None:
+        from vmmd.hostcpu import host_cpuid
+
+        self.inputs = inputs or FlatLaunchInputs()
+        self.c_bit = host_cpuid(0x8000_001F)[1] & 0x3F
+        self.inputs.c_bit = self.c_bit
+        self.backend = None
+        self.launch_result = None
+
+    def create_vm(self, machine):
+        from vmmd.sev.launch import KvmSevBackend
+
+        self.backend = KvmSevBackend.create(machine.kvm, machine.memory, use_init2=self.inputs.init2 or None)
+        caps = self.backend.capabilities()
+        self.inputs.init2 = caps.has_init2
+        self.inputs.vmsa_features &= caps.vmsa_features
+        vm = self.backend.vm
+        vm.set_tss_addr()
+        vm.create_irqchip()  # QEMU requires the in-kernel irqchip for SEV-ES guests
+        return vm
+
+    def configure_vm(self, machine) -> None:
+        """No MSR filter: the hardware answers SEV_STATUS and the kernel owns the GHCB MSR."""
+
+    def create_vcpus(self, machine) -> None:
+        """vCPUs are created by the launch sequence (after LAUNCH_UPDATE_DATA, before LAUNCH_UPDATE_VMSA)."""
+
+    def attach(self, machine, ctx) -> None:
+        from vmmd.sev.termination import decode_sev_termination
+
+        memory = machine.memory
+
+        def system_event(vcpu, ex) -> None:
+            if ex.type == kvm_uapi.KVM_SYSTEM_EVENT_SEV_TERM and ex.data:
+                term = decode_sev_termination(ex.data[0], memory)
+                raise VmStop("sev-term", f"guest requested termination: {term}", ExitCode.GUEST_TERMINATED)
+
+        ctx.system_event_handler = system_event
+        ctx.halt_stops_vm = False  # the in-kernel irqchip handles HLT
+
+    def launch(self, machine) -> None:
+        from vmmd.sev.launch import SevEsLaunch
+
+        xsave = machine.cpuid.has_xsave
+        template = reset_sregs_template(machine.kvm)
+        plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs,
+                                template, xsave)
+
+        def set_vcpu_state(plan: measure.LaunchPlan) -> None:
+            for launch in plan.vcpus:
+                vcpu = machine.vm.create_vcpu(launch.index)
+                vcpu.set_cpuid2(machine.cpuid.for_vcpu(launch.index))
+                vcpu.set_sregs(fill_kvm_sregs(launch.state, vcpu.get_sregs()))
+                vcpu.set_regs(fill_kvm_regs(launch.state, kvm_uapi.kvm_regs()))
+                xsave_area = vcpu.get_xsave()
+                fill_xsave(launch.state, memoryview(xsave_area).cast("B"))
+                vcpu.set_xsave(xsave_area)
+                machine.vcpus.append(vcpu)
+
+        self.launch_result = SevEsLaunch(self.backend, plan).run(set_vcpu_state)
+
+    def release(self, machine) -> None:
+        if self.backend is not None:
+            self.backend.release()
+            self.backend = None
