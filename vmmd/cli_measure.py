@@ -32,6 +32,7 @@ from vmmd.sev.measure import (
     launch_digest,
     verify,
 )
+from vmmd.sev.ovmf import is_ovmf_image
 
 
 def _firmware_path(config_or_firmware: Path) -> Path:
@@ -102,12 +103,23 @@ def _api_version(text: str) -> tuple[int, int]:
 
 
 def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
-          vmsa_features: str) -> tuple[LaunchPlan, Path]:
+          vmsa_features: str, memory: str = "64M", c_bit: int = 51) -> tuple[LaunchPlan, Path]:
     firmware = _firmware_path(config_or_firmware)
     try:
         image = firmware.read_bytes()
     except OSError as err:
         raise VmmdError(f"cannot read firmware image {firmware}: {err.strerror}") from None
+    if not is_ovmf_image(image):  # a vmmd flat firmware image (firmware/README.md): measured as vmctl run loads it
+        from vmmd.machine.config import parse_size
+        from vmmd.sev.platform import FlatLaunchInputs, flat_image_digest
+
+        inputs = FlatLaunchInputs(policy=_int(policy, "--policy"), init2=init2,
+                                  vmsa_features=_int(vmsa_features, "--vmsa-features"), c_bit=c_bit)
+        try:
+            _, plan = flat_image_digest(firmware, parse_size(memory), vcpus, inputs)
+        except ValueError as err:
+            raise VmmdError(str(err)) from None
+        return plan, firmware
     try:
         plan = build_ovmf_plan(image, vcpus, cpu_type, init2=init2,
                                vmsa_features=_int(vmsa_features, "--vmsa-features"), policy=_int(policy, "--policy"))
@@ -132,6 +144,10 @@ def _plan_options(func: Any) -> Any:
         click.option("--init2/--legacy-init", default=True, show_default=True,
                      help="KVM_SEV_INIT2 (FPU state in the VMSA) or legacy KVM_SEV_ES_INIT"),
         click.option("--vmsa-features", default="0", show_default=True, help="VMSA sev_features (INIT2 only)"),
+        click.option("--memory", default="64M", show_default=True,
+                     help="guest RAM, for vmmd flat images (OVMF images ignore it)"),
+        click.option("--c-bit", type=click.IntRange(32, 63), default=51, show_default=True,
+                     help="C-bit position of the target host, for vmmd flat images"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -152,6 +168,7 @@ def _fail(err: VmmdError) -> None:
 @click.option("--mnonce", help="measurement nonce, 32 hex digits (with --tik)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool, vmsa_features: str,
+                memory: str, c_bit: int,
                 dump_vmsa: Path | None, tik: Path | None, api_version: str | None, build_id: int | None,
                 mnonce: str | None, as_json: bool) -> None:
     """Print the SEV-ES launch digest (and, with --tik ..., the expected MEASURE) of a firmware image."""
@@ -159,7 +176,7 @@ def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str
     if any(v is not None for v in want_measure) and not all(v is not None for v in want_measure):
         raise click.UsageError("--tik, --api-version, --build and --mnonce go together")
     try:
-        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features)
+        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit)
         digest = launch_digest(plan)
         result: dict[str, Any] = {"digest": digest.hex(), "assumed": _assumed(plan, firmware, cpu_type)}
         if tik is not None:
@@ -198,10 +215,11 @@ def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str
 @click.option("--build", "build_id", type=click.IntRange(0, 255), required=True)
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool, vmsa_features: str,
+               memory: str, c_bit: int,
                blob: str, tik: Path, api_version: str, build_id: int, as_json: bool) -> None:
     """Check a reported launch measurement against the firmware image: exit 0 on match, 1 on mismatch."""
     try:
-        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features)
+        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit)
         major, minor = _api_version(api_version)
         result = verify(_decode_blob(blob), _read_tik(tik), digest=launch_digest(plan), api_major=major,
                         api_minor=minor, build=build_id, policy=plan.policy,

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from vmmd.kvm import Kvm
 from vmmd.machine.config import MachineConfig
-from vmmd.machine.cpuid import build_cpuid_table
 from vmmd.machine.loader import load_flat_firmware
 from vmmd.machine.machine import Machine
 from vmmd.machine.platform import SevEsEmuPlatform
 from vmmd.memory import GuestMemory
-from vmmd.sev.platform import FlatLaunchInputs, flat_launch_plan, reset_sregs_template
+from vmmd.sev.platform import FlatLaunchInputs, flat_image_digest, flat_launch_plan
 from vmmd.sev.vmsa import build_vmsa
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,9 +28,7 @@ def hardware_path_digest(firmware: Path, memory_bytes: int, cpus: int, inputs: F
     Hashed here by hand from the guest bytes, not through measure.launch_digest()."""
     memory = GuestMemory.with_ram(memory_bytes)
     image, cr3 = load_flat_firmware(memory, firmware, "sev-es", cpus, 0, inputs.c_bit, 0)
-    kvm = Kvm()
-    xsave = build_cpuid_table(kvm.get_supported_cpuid(), cpus, "sev-es").has_xsave
-    plan = flat_launch_plan(memory, image, cr3, cpus, inputs, reset_sregs_template(kvm), xsave)
+    plan = flat_launch_plan(memory, image, cr3, cpus, inputs)
     digest = hashlib.sha256()
     for gpa, size, _ in image.measured_regions():
         digest.update(memory.read(gpa, size))
@@ -78,3 +74,17 @@ def test_vmctl_run_reports_the_digest() -> None:
     match = re.search(r"launch digest \(what sev-es hardware would measure, C-bit 51\): ([0-9a-f]{64})", proc.stderr)
     assert match
     assert bytes.fromhex(match.group(1)) == hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())
+
+
+def test_offline_digest_equals_emulator(emu_machine_digest: bytes) -> None:
+    digest, plan = flat_image_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())
+    assert digest == emu_machine_digest and len(plan.vcpus) == 2
+
+
+def test_vmctl_measure_flat_image_matches_run() -> None:
+    proc = subprocess.run([sys.executable, "-m", "vmmd.cli", "measure", str(HELLO), "--memory", "16M", "--vcpus", "2",
+                           "--json"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    assert bytes.fromhex(json.loads(proc.stdout)["digest"]) == hardware_path_digest(HELLO, 16 << 20, 2,
+                                                                                     FlatLaunchInputs())

@@ -36,6 +36,15 @@ _FOOTER_FROM_END = 32 + 16  # "guid 48 bytes before the end of the flash file"
 _PAGE = 4096
 
 
+def is_ovmf_image(image: bytes | memoryview) -> bool:
+    """Whether the image ends with the OVMF footer-table GUID (else it is not a reset-vector firmware vmmd knows)."""
+    data = memoryview(image)
+    if len(data) < _FOOTER_FROM_END + 2:
+        return False
+    footer_at = len(data) - _FOOTER_FROM_END
+    return uuid.UUID(bytes_le=bytes(data[footer_at:footer_at + 16])) == OVMF_TABLE_FOOTER_GUID
+
+
 def parse_footer_table(image: bytes | memoryview) -> dict[uuid.UUID, bytes]:
     """GUID -> entry data of the OVMF footer table; empty when the image has no table.
 

@@ -39,34 +39,42 @@ class FlatLaunchInputs:
     c_bit: int = DEFAULT_HW_C_BIT
 
 
-def reset_sregs_template(kvm) -> kvm_uapi.kvm_sregs:
-    """A vCPU's reset sregs on this host (TR/LDT differ between SVM and VMX), from a throwaway VM."""
-    vm = kvm.create_vm(0)
-    try:
-        return vm.create_vcpu(0).get_sregs()
-    finally:
-        vm.close()
+def entry_states(image: LoadedImage, cr3: int, cpus: int) -> list[VcpuState]:
+    """The documented 64-bit entry state of each vCPU, as the hardware launch sets it.
+
+    CR4.OSXSAVE is assumed: every SEV-ES-capable EPYC has XSAVE, and the digest must not depend on the
+    host that predicts it. XCR0 = x87 only (the flat firmware uses no SSE/AVX)."""
+    return [VcpuState.from_kvm(entry_regs(image, index), long_mode_sregs(kvm_uapi.kvm_sregs(), cr3, xsave=True),
+                               xcr0=1)
+            for index in range(cpus)]
 
 
-def entry_states(image: LoadedImage, cr3: int, cpus: int, template: kvm_uapi.kvm_sregs, xsave: bool) -> list[VcpuState]:
-    states = []
-    for index in range(cpus):
-        sregs = long_mode_sregs(kvm_uapi.kvm_sregs.from_buffer_copy(template), cr3, xsave)
-        xcr0 = 1  # x87 only: the flat firmware uses no SSE/AVX (-mgeneral-regs-only)
-        states.append(VcpuState.from_kvm(entry_regs(image, index), sregs, xcr0=xcr0))
-    return states
-
-
-def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: int, inputs: FlatLaunchInputs,
-                     template: kvm_uapi.kvm_sregs, xsave: bool) -> measure.LaunchPlan:
+def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: int,
+                     inputs: FlatLaunchInputs) -> measure.LaunchPlan:
     regions = tuple(measure.MeasuredRegion(gpa, memory.view(gpa, size), name)
                     for gpa, size, name in image.measured_regions())
-    states = entry_states(image, cr3, cpus, template, xsave)
+    states = entry_states(image, cr3, cpus)
     return measure.LaunchPlan(regions=regions,
                               vcpus=measure.build_vcpu_launches(states, init2=inputs.init2,
                                                                 vmsa_features=inputs.vmsa_features),
                               policy=inputs.policy, init2=inputs.init2, vmsa_features=inputs.vmsa_features,
                               cpu_sig=0)
+
+
+def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: FlatLaunchInputs,
+                      guest_arg: int = 0) -> tuple[bytes, measure.LaunchPlan]:
+    """Offline: the launch digest of a flat firmware image for these inputs (no KVM needed)."""
+    memory = GuestMemory.with_ram(memory_bytes)
+    try:
+        image, cr3 = load_flat_firmware(memory, firmware, "sev-es", cpus, 0, inputs.c_bit, guest_arg)
+        plan = flat_launch_plan(memory, image, cr3, cpus, inputs)
+        plan = measure.LaunchPlan(regions=tuple(measure.MeasuredRegion(r.gpa, bytes(r.view()), r.name)
+                                                for r in plan.regions),
+                                  vcpus=plan.vcpus, policy=plan.policy, init2=plan.init2,
+                                  vmsa_features=plan.vmsa_features, cpu_sig=plan.cpu_sig)
+        return measure.launch_digest(plan), plan
+    finally:
+        memory.close()
 
 
 def emulated_launch(machine, inputs: FlatLaunchInputs):
@@ -77,8 +85,7 @@ def emulated_launch(machine, inputs: FlatLaunchInputs):
     copy = GuestMemory.with_ram(cfg.memory_bytes)
     try:
         image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
-        xsave = machine.cpuid.has_xsave
-        plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs, reset_sregs_template(machine.kvm), xsave)
+        plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
         model = SevModel(copy, has_init2=inputs.init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
         result = SevEsLaunch(model, plan).run(lambda plan: None)
         if result.expected_digest != model.launch_digest:
@@ -138,10 +145,7 @@ class SevEsPlatform(Platform):
     def launch(self, machine) -> None:
         from vmmd.sev.launch import SevEsLaunch
 
-        xsave = machine.cpuid.has_xsave
-        template = reset_sregs_template(machine.kvm)
-        plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs,
-                                template, xsave)
+        plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs)
 
         def set_vcpu_state(plan: measure.LaunchPlan) -> None:
             for launch in plan.vcpus:
