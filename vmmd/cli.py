@@ -38,9 +38,11 @@ def main() -> None:
 @click.option("--guest-arg", type=str, default="0", help="a number handed to the guest in its boot-info page")
 @click.option("--net", type=str, default=None, metavar="tap[:BRIDGE]",
               help="attach a virtio-net device backed by a new tap (optionally enslaved to BRIDGE)")
+@click.option("--stdin-console", is_flag=True,
+              help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
 def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | None, console_path: Path | None,
-        guest_arg: str, net: str | None, quiet: bool) -> None:
+        guest_arg: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
     """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig, parse_size
@@ -73,9 +75,17 @@ def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | 
         _fail(str(err), err.exit_code)
     except OSError as err:
         _fail(f"{err.filename or ''}: {err.strerror}" if err.strerror else str(err))
+    console_input = None
+    if not sys.stdin.closed and sys.stdin.isatty() or stdin_console:
+        from vmmd.machine.console_input import ConsoleInput
+
+        console_input = ConsoleInput(sys.stdin.fileno(), machine.uart, lambda: machine.request_stop(
+            "interrupted", "console detached with Ctrl-]; VM stopped", ExitCode.INTERRUPTED)).start()
     try:
         result = machine.run()
     finally:
+        if console_input is not None:
+            console_input.close()
         console.flush()
         machine.close()
         if out is not None:

@@ -113,6 +113,10 @@ class Machine:
             self._done.set()
             self.kick_all()
 
+    def request_stop(self, kind: str, reason: str, exit_code: ExitCode) -> None:
+        """Stop the VM from any thread (console escape, daemon stop request)."""
+        self._record_stop(VmStop(kind, reason, exit_code))
+
     def kick_all(self) -> None:
         for vcpu in self.vcpus:
             vcpu.request_exit()
