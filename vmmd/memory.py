@@ -7,6 +7,10 @@ outside the guest's own mappings.
 
 Layout follows QEMU's pc machine: RAM below the 32-bit PCI hole (which starts at
 3 GiB), the rest from 4 GiB up.
+
+numpy is imported on the first `view()` (or `MemorySlot.array`), not with this module:
+`read`, `write`, `read_u64` and `write_u64` go through the mmap itself, so a `vmctl run`
+whose loader only writes bytes never pays numpy's ~30-90 ms import (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vmmd.errors import GuestMemoryError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PAGE_SIZE = 4096
 PCI_HOLE_START_GPA = 0xC000_0000  # 3 GiB, as QEMU pc's below_4g_mem_size limit
@@ -34,9 +40,18 @@ class MemorySlot:
     gpa: int
     size: int
     mapping: mmap.mmap
-    array: np.ndarray  # uint8 view of `mapping`, zero-copy
     hva: int  # host virtual address of the mapping's first byte
     read_only: bool = False
+    _array: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def array(self) -> np.ndarray:
+        """uint8 view of `mapping`, zero-copy; built (and numpy imported) on first use."""
+        if self._array is None:
+            import numpy
+
+            self._array = numpy.frombuffer(self.mapping, dtype=numpy.uint8)
+        return self._array
 
     @property
     def end_gpa(self) -> int:
@@ -83,9 +98,8 @@ class GuestMemory:
                 mapping.madvise(mmap.MADV_HUGEPAGE)
             except OSError:
                 pass
-        array = np.frombuffer(mapping, dtype=np.uint8)
         hva = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        slot = MemorySlot(len(self.slots), gpa, size, mapping, array, hva, read_only)
+        slot = MemorySlot(len(self.slots), gpa, size, mapping, hva, read_only)
         index = bisect.bisect(self._starts, gpa)
         self._starts.insert(index, gpa)
         self.slots.insert(index, slot)
@@ -120,21 +134,34 @@ class GuestMemory:
         return slot.array[offset:offset + size]
 
     def read(self, gpa: int, size: int) -> bytes:
-        return self.view(gpa, size).tobytes()
+        slot = self._slot_for(gpa, size)
+        offset = gpa - slot.gpa
+        return slot.mapping[offset:offset + size]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        payload = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
-        self.view(gpa, payload.size)[:] = payload
+        payload = memoryview(data)
+        if not payload.c_contiguous:  # e.g. a strided numpy view: let numpy gather it
+            import numpy
+
+            payload = memoryview(numpy.ascontiguousarray(data))
+        payload = payload.cast("B")
+        slot = self._slot_for(gpa, payload.nbytes)
+        offset = gpa - slot.gpa
+        slot.mapping[offset:offset + payload.nbytes] = payload
 
     def read_u64(self, gpa: int) -> int:
-        return int(self.view(gpa, 8).view(np.uint64)[0])
+        slot = self._slot_for(gpa, 8)
+        offset = gpa - slot.gpa
+        return int.from_bytes(slot.mapping[offset:offset + 8], "little")
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self.view(gpa, 8).view(np.uint64)[0] = value & 0xFFFF_FFFF_FFFF_FFFF
+        slot = self._slot_for(gpa, 8)
+        offset = gpa - slot.gpa
+        slot.mapping[offset:offset + 8] = (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
 
     def close(self) -> None:
         for slot in self.slots:
-            slot.array = np.empty(0, np.uint8)
+            slot._array = None
         for slot in self.slots:
             try:
                 slot.mapping.close()

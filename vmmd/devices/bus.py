@@ -105,6 +105,28 @@ class PortBus(Bus):
         for port in range(base, base + length):
             self.by_port[port] = (device, base)
 
+    def write(self, address: int, size: int, value: int) -> None:
+        # The port-I/O exit hot path (vmmd.machine.runloop.run_vcpu): Bus.write with the lookup inlined.
+        entry = self.by_port.get(address)
+        if entry is None:
+            self.unmapped_writes += 1
+            return
+        if size == 1:
+            device, base = entry
+            device.write(address - base, 1, value & 0xFF)
+            return
+        Bus.write(self, address, size, value)
+
+    def read(self, address: int, size: int) -> int:
+        entry = self.by_port.get(address)
+        if entry is None:
+            self.unmapped_reads += 1
+            return all_ones(size)
+        if size == 1:
+            device, base = entry
+            return device.read(address - base, 1) & 0xFF
+        return Bus.read(self, address, size)
+
     def lookup(self, address: int, size: int) -> tuple[Device, int] | None:
         entry = self.by_port.get(address)
         if entry is None:

@@ -214,6 +214,10 @@ class Vm:
 _EXIT_REASON_U32 = uapi.kvm_run.exit_reason.offset // 4
 _UNION = uapi.kvm_run.u.offset
 assert _UNION == 32
+_KVM_EXIT_IO = uapi.KVM_EXIT_IO
+_KVM_RUN = io.KVM_RUN
+_fcntl_ioctl = fcntl.ioctl  # with no third argument: the cheapest call (ARCHITECTURE.md, hot-path facts)
+_IO_EXIT_CACHE_MAX = 256
 
 
 class Vcpu:
@@ -229,6 +233,10 @@ class Vcpu:
         self.run_bytes = view
         self._u32 = view.cast("I")
         self._u64 = view.cast("Q")
+        # Decoded port-I/O exits by kvm_run.io's first 8 bytes (direction, size, port, count). Exit values
+        # are never mutated, so the hot path hands back the same object for the same access instead of
+        # building one per exit (see docs/benchmarks.md: each Python object touched per exit costs here).
+        self._io_exits: dict[int, exits.IoExit] = {}
 
     # --- registers ----------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
@@ -321,7 +329,7 @@ class Vcpu:
     def run(self) -> exits.Exit:
         """One KVM_RUN, decoded. Never raises for guest behaviour: failures come back as exit values."""
         try:
-            fcntl.ioctl(self.fd, io.KVM_RUN)
+            _fcntl_ioctl(self.fd, _KVM_RUN)
         except OSError as err:
             if err.errno in (errno.EINTR, errno.EAGAIN):
                 return exits.INTERRUPTED
@@ -329,11 +337,12 @@ class Vcpu:
                                                        f"({os.strerror(err.errno or 0)})")
         u32 = self._u32
         reason = u32[_EXIT_REASON_U32]
-        if reason == uapi.KVM_EXIT_IO:
-            word = u32[9]  # count at byte 36
-            first = u32[8]  # direction:8 size:8 port:16 at byte 32
-            return exits.IoExit((first & 0xFF) == uapi.KVM_EXIT_IO_OUT, (first >> 8) & 0xFF, first >> 16, word,
-                                self._u64[5])
+        if reason == _KVM_EXIT_IO:
+            word = self._u64[4]  # kvm_run.io at byte 32: direction:8 size:8 port:16 count:32
+            ex = self._io_exits.get(word)
+            if ex is not None and ex.data_offset == self._u64[5]:
+                return ex
+            return self._decode_io(word)
         if reason == uapi.KVM_EXIT_MMIO:
             u64 = self._u64
             length = u32[12]
@@ -357,6 +366,16 @@ class Vcpu:
             ndata = min(u32[9], 16)
             return exits.SystemEventExit(u32[8], tuple(self._u64[5:5 + ndata]))
         return exits.UnknownExit(reason, self._u64[4])
+
+    def _decode_io(self, word: int) -> exits.IoExit:
+        """kvm_run.io (struct kvm_run in include/uapi/linux/kvm.h) -> IoExit, remembered for the next time."""
+        ex = exits.IoExit((word & 0xFF) == uapi.KVM_EXIT_IO_OUT, (word >> 8) & 0xFF, (word >> 16) & 0xFFFF,
+                          word >> 32, self._u64[5])
+        cache = self._io_exits
+        if len(cache) >= _IO_EXIT_CACHE_MAX:  # the guest picks ports and counts: keep the cache bounded
+            cache.clear()
+        cache[word] = ex
+        return ex
 
     def complete_msr_exit(self, data: int, error: bool) -> None:
         """Fill kvm_run.msr for the next KVM_RUN: the RDMSR result, or error=1 to inject #GP."""

@@ -131,15 +131,40 @@ def register_dump(vcpu) -> str:
 
 
 def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop | None:
-    """Run one vCPU until it halts (None) or the VM must stop (the VmStop). Never raises."""
+    """Run one vCPU until it halts (None) or the VM must stop (the VmStop). Never raises.
+
+    Single-byte port I/O (the console, debug ports, the doorbell) is dispatched inline: the same bus
+    calls handle_io() makes, without its call and checks. Every other exit goes through handle_exit().
+    Each Python object touched per exit costs far more here than in a warm micro-benchmark (the exit
+    leaves the caches cold), so this loop stays short: docs/benchmarks.md.
+    """
     run = vcpu.run
     handle = handle_exit
     io_exit = exits.IoExit
+    data = vcpu.run_bytes
+    data_len = len(data)
+    port_write = ctx.port_bus.write
+    port_read = ctx.port_bus.read
+    doorbell = ctx.doorbell
+    doorbell_port = ctx.doorbell_port if doorbell is not None else -1
     try:
         while True:
             ex = run()
             if type(ex) is io_exit:
-                handle_io(ex, vcpu, ctx)
+                port = ex.port
+                if port == doorbell_port:
+                    if doorbell(vcpu) == VCPU_HALTED:
+                        return None
+                    continue
+                offset = ex.data_offset
+                if ex.size == 1 and ex.count == 1 and offset < data_len:
+                    if ex.is_write:
+                        port_write(port, 1, data[offset])
+                    else:
+                        data[offset] = port_read(port, 1)
+                    continue
+                if handle_io(ex, vcpu, ctx) == VCPU_HALTED:
+                    return None
                 continue
             if ex is exits.INTERRUPTED:
                 if should_stop():
