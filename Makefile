@@ -37,7 +37,7 @@ deps: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml | apt-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 # Install Debian packages only when one is missing; say how when not root.

@@ -19,7 +19,33 @@ def _fail(message: str, code: ExitCode = ExitCode.HOST_ERROR) -> None:
     sys.exit(int(code))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands defined in other modules, imported only when used, so that `vmctl run` starts fast:
+# name -> (module, attribute holding the click command).
+LAZY_COMMANDS = {
+    "measure": ("vmmd.cli_measure", "measure_cmd"),
+    "verify": ("vmmd.cli_measure", "verify_cmd"),
+    **{name: ("vmmd.cli_daemon", f"{name}_cmd") for name in ("start", "stop", "list", "status", "show", "console",
+                                                              "log")},
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in LAZY_COMMANDS:
+            import importlib
+
+            module, attribute = LAZY_COMMANDS[name]
+            command = getattr(importlib.import_module(module), attribute)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vmmd", prog_name="vmctl")
 def main() -> None:
     """Run and manage vmmd guests (AMD SEV-ES, with an emulated GHCB platform for any KVM host)."""
@@ -111,21 +137,6 @@ def host(memory: str | None, as_json: bool) -> None:
     except VmmdError as err:
         _fail(str(err), err.exit_code)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_host_report(report))
-
-
-def _register_optional_commands() -> None:
-    from vmmd.cli_measure import measure_cmd, verify_cmd
-
-    main.add_command(measure_cmd)
-    main.add_command(verify_cmd)
-    try:
-        from vmmd.cli_daemon import register
-    except ImportError:
-        return
-    register(main)
-
-
-_register_optional_commands()
 
 
 if __name__ == "__main__":

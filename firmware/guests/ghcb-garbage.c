@@ -11,7 +11,7 @@ int guest_main(void)
 		return 2;
 	}
 	fw_printf("ghcb-garbage: GHCB MSR = %#lx, VMGEXIT\n", GARBAGE_GHCB_GPA);
-	wrmsr(MSR_AMD64_SEV_ES_GHCB, GARBAGE_GHCB_GPA);
+	ghcb_write_msr(GARBAGE_GHCB_GPA);
 	ghcb_vmgexit();
 	fw_printf("ghcb-garbage: VMM resumed the guest\n");
 	return 1;

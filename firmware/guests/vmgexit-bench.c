@@ -20,7 +20,7 @@ int guest_main(void)
 	}
 	switch (mode) {
 	case 0:
-		wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_SEV_INFO_REQ);
+		ghcb_write_msr(GHCB_MSR_SEV_INFO_REQ);
 		while (n--)
 			ghcb_vmgexit();
 		break;

@@ -89,6 +89,7 @@ int fw_is_mapped(uint64_t gpa);
 void ghcb_vmgexit(void);
 /* MSR protocol: write `request` to the GHCB MSR, VMGEXIT, return the GHCB MSR. */
 uint64_t ghcb_msr_protocol(uint64_t request);
+void ghcb_write_msr(uint64_t value);   /* every GHCB MSR write goes through here (ghcb_exit skips unchanged GPAs) */
 
 /* Building blocks of a NAE event. ghcb_begin() clears the valid bitmap and sets
  * protocol_version / usage = 0; ghcb_set() stores a save-area qword and marks it

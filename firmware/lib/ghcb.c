@@ -21,11 +21,24 @@ __attribute__((noinline)) void ghcb_vmgexit(void)
 		__asm__ volatile("outb %%al, %%dx" : : "a"(0), "d"(fw.doorbell_port) : "memory");
 }
 
+/* What the GHCB MSR holds as far as this vCPU knows: the host only changes it when it
+ * answers an MSR-protocol request, and we read that answer back. Skipping the
+ * rewrite of an unchanged GHCB GPA saves a VM exit per NAE event on sev-es-emu,
+ * where WRMSR of the GHCB MSR traps to the VMM. */
+static uint64_t ghcb_msr_value;
+
+void ghcb_write_msr(uint64_t value)
+{
+	wrmsr(MSR_AMD64_SEV_ES_GHCB, value);
+	ghcb_msr_value = value;
+}
+
 uint64_t ghcb_msr_protocol(uint64_t request)
 {
-	wrmsr(MSR_AMD64_SEV_ES_GHCB, request);
+	ghcb_write_msr(request);
 	ghcb_vmgexit();
-	return rdmsr(MSR_AMD64_SEV_ES_GHCB);
+	ghcb_msr_value = rdmsr(MSR_AMD64_SEV_ES_GHCB);
+	return ghcb_msr_value;
 }
 
 int ghcb_msr_cpuid(uint32_t leaf, unsigned reg, uint32_t *value)
@@ -57,7 +70,8 @@ uint32_t ghcb_exit(uint64_t exit_code, uint64_t info1, uint64_t info2)
 	ghcb_set(GHCB_OFF_SW_EXIT_CODE, exit_code);
 	ghcb_set(GHCB_OFF_SW_EXIT_INFO_1, info1);
 	ghcb_set(GHCB_OFF_SW_EXIT_INFO_2, info2);
-	wrmsr(MSR_AMD64_SEV_ES_GHCB, fw.ghcb_gpa);
+	if (ghcb_msr_value != fw.ghcb_gpa)
+		ghcb_write_msr(fw.ghcb_gpa);
 	ghcb_vmgexit();
 	return (uint32_t)ghcb_get(GHCB_OFF_SW_EXIT_INFO_1);
 }

@@ -13,6 +13,7 @@ ones (APM vol. 2, 15.34.5: the C-bit in a page-table entry selects encryption).
 
 from __future__ import annotations
 
+import array
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,18 +80,15 @@ def build_page_tables(memory: GuestMemory, c_bit: int = 0, shared: list[tuple[in
         return any(start <= page_gpa < start + size for start, size in shared)
 
     memory.write_u64(L.PML4_GPA, L.PDPT_GPA | enc | PTE_P | PTE_RW)
-    for gib in range(gib_count):
-        pd_gpa = L.PD_BASE_GPA + gib * PAGE_SIZE
-        memory.write_u64(L.PDPT_GPA + 8 * gib, pd_gpa | enc | PTE_P | PTE_RW)
-        entries = memory.view(pd_gpa, PAGE_SIZE).view("<u8")
-        for i in range(512):
-            gpa = gib * GIB + i * (2 << 20)
-            entries[i] = gpa | enc | PTE_P | PTE_RW | PTE_PS
-    memory.write_u64(L.PD_BASE_GPA, L.PT_LOW_GPA | enc | PTE_P | PTE_RW)
-    ptes = memory.view(L.PT_LOW_GPA, PAGE_SIZE).view("<u8")
-    for i in range(512):
-        gpa = i * PAGE_SIZE
-        ptes[i] = gpa | (0 if is_shared(gpa) else enc) | PTE_P | PTE_RW
+    pdpt = array.array("Q", (L.PD_BASE_GPA + gib * PAGE_SIZE | enc | PTE_P | PTE_RW for gib in range(gib_count)))
+    memory.write(L.PDPT_GPA, pdpt.tobytes())
+    large = PTE_P | PTE_RW | PTE_PS | enc
+    directories = array.array("Q", (gpa | large for gpa in range(0, gib_count * GIB, 2 << 20)))
+    directories[0] = L.PT_LOW_GPA | enc | PTE_P | PTE_RW  # the first 2 MiB use 4 KiB pages
+    memory.write(L.PD_BASE_GPA, directories.tobytes())
+    ptes = array.array("Q", (gpa | (0 if is_shared(gpa) else enc) | PTE_P | PTE_RW
+                             for gpa in range(0, 512 * PAGE_SIZE, PAGE_SIZE)))
+    memory.write(L.PT_LOW_GPA, ptes.tobytes())
     return L.PML4_GPA | enc
 
 
