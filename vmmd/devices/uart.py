@@ -185,6 +185,9 @@ class Uart16550:
             self.tx_bytes += 1
             self._tx_sink(_BYTES[value & 0xFF])
             return
+        if offset == UART_SCR:
+            self.scr = value & 0xFF  # the scratch register has no side effects: no lock needed
+            return
         with self._lock:
             self._write_register(offset & 7, value & 0xFF)
 
@@ -193,6 +196,8 @@ class Uart16550:
             # Polling guests read LSR before every THR write: with no error bits to clear, reading it has no side
             # effect, so skip the lock (a concurrent feed() is simply ordered after this read).
             return LSR_THRE | LSR_TEMT | LSR_DR if self._rx else LSR_THRE | LSR_TEMT
+        if offset == UART_SCR:
+            return self.scr
         with self._lock:
             return self._read_register(offset & 7)
 

@@ -12,11 +12,11 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Callable
 
 from vmmd.errors import VmmdError
-from vmmd.kvm import exits
+from vmmd.kvm import exits, uapi
 from vmmd.kvm import ioctls as io
-from vmmd.kvm import uapi
 from vmmd.memory import GuestMemory
 
 KVM_DEVICE = "/dev/kvm"
@@ -106,7 +106,7 @@ class Kvm:
             return None
         return value.value
 
-    def create_vm(self, vm_type: int = 0) -> "Vm":
+    def create_vm(self, vm_type: int = 0) -> Vm:
         try:
             fd = fcntl.ioctl(self.fd, io.KVM_CREATE_VM, vm_type)
         except OSError as err:
@@ -191,7 +191,7 @@ class Vm:
         _ioctl(self.fd, io.KVM_MEMORY_ENCRYPT_UNREG_REGION, uapi.kvm_enc_region(addr=hva, size=size),
                "KVM_MEMORY_ENCRYPT_UNREG_REGION")
 
-    def create_vcpu(self, index: int) -> "Vcpu":
+    def create_vcpu(self, index: int) -> Vcpu:
         try:
             fd = fcntl.ioctl(self.fd, io.KVM_CREATE_VCPU, index)
         except OSError as err:
@@ -237,6 +237,7 @@ class Vcpu:
         # are never mutated, so the hot path hands back the same object for the same access instead of
         # building one per exit (see docs/benchmarks.md: each Python object touched per exit costs here).
         self._io_exits: dict[int, exits.IoExit] = {}
+        self.run = self._make_run()  # one KVM_RUN, decoded into an exit value (see _make_run)
 
     # --- registers ----------------------------------------------------------
     def get_regs(self) -> uapi.kvm_regs:
@@ -326,31 +327,45 @@ class Vcpu:
         """Make the current or next KVM_RUN return EINTR (kvm_run.immediate_exit, KVM_CAP_IMMEDIATE_EXIT)."""
         self.run_bytes[1] = 1
 
-    def run(self) -> exits.Exit:
-        """One KVM_RUN, decoded. Never raises for guest behaviour: failures come back as exit values."""
-        try:
-            _fcntl_ioctl(self.fd, _KVM_RUN)
-        except OSError as err:
-            if err.errno in (errno.EINTR, errno.EAGAIN):
-                return exits.INTERRUPTED
-            return exits.RunFailedExit(err.errno or 0, f"KVM_RUN failed: {errno.errorcode.get(err.errno or 0)} "
-                                                       f"({os.strerror(err.errno or 0)})")
-        u32 = self._u32
-        reason = u32[_EXIT_REASON_U32]
-        if reason == _KVM_EXIT_IO:
-            word = self._u64[4]  # kvm_run.io at byte 32: direction:8 size:8 port:16 count:32
-            ex = self._io_exits.get(word)
-            if ex is not None and ex.data_offset == self._u64[5]:
-                return ex
-            return self._decode_io(word)
+    def _make_run(self) -> Callable[[], exits.Exit]:
+        """Build `run()` as a closure over this vCPU's fd and kvm_run views: no attribute lookups per exit."""
+        fd, u32, u64, cache = self.fd, self._u32, self._u64, self._io_exits
+        decode_io, decode_other, run_failed = self._decode_io, self._decode_other, self._run_failed
+
+        def run() -> exits.Exit:
+            """One KVM_RUN, decoded. Never raises for guest behaviour: failures come back as exit values."""
+            try:
+                _fcntl_ioctl(fd, _KVM_RUN)
+            except OSError as err:
+                return run_failed(err)
+            reason = u32[_EXIT_REASON_U32]
+            if reason == _KVM_EXIT_IO:
+                word = u64[4]  # kvm_run.io at byte 32: direction:8 size:8 port:16 count:32
+                ex = cache.get(word)
+                if ex is not None and ex.data_offset == u64[5]:
+                    return ex
+                return decode_io(word)
+            return decode_other(reason)
+
+        return run
+
+    @staticmethod
+    def _run_failed(err: OSError) -> exits.Exit:
+        if err.errno in (errno.EINTR, errno.EAGAIN):
+            return exits.INTERRUPTED
+        return exits.RunFailedExit(err.errno or 0, f"KVM_RUN failed: {errno.errorcode.get(err.errno or 0)} "
+                                                   f"({os.strerror(err.errno or 0)})")
+
+    def _decode_other(self, reason: int) -> exits.Exit:
+        """Every exit but port I/O (kvm_run's union members in include/uapi/linux/kvm.h)."""
+        u32, u64 = self._u32, self._u64
         if reason == uapi.KVM_EXIT_MMIO:
-            u64 = self._u64
             length = u32[12]
             is_write = self.run_bytes[52] != 0
             data = u64[5] & ((1 << (8 * length)) - 1) if is_write and length <= 8 else 0
             return exits.MmioExit(u64[4], length, is_write, data)
         if reason in (uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_EXIT_X86_WRMSR):
-            return exits.MsrExit(reason == uapi.KVM_EXIT_X86_WRMSR, u32[11], self._u64[6], u32[10])
+            return exits.MsrExit(reason == uapi.KVM_EXIT_X86_WRMSR, u32[11], u64[6], u32[10])
         if reason == uapi.KVM_EXIT_HLT:
             return exits.HLT
         if reason == uapi.KVM_EXIT_SHUTDOWN:
@@ -358,14 +373,14 @@ class Vcpu:
         if reason == uapi.KVM_EXIT_INTR:
             return exits.INTERRUPTED
         if reason == uapi.KVM_EXIT_FAIL_ENTRY:
-            return exits.FailEntryExit(self._u64[4], u32[10])
+            return exits.FailEntryExit(u64[4], u32[10])
         if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
             ndata = min(u32[9], 16)
-            return exits.InternalErrorExit(u32[8], tuple(self._u64[5:5 + ndata]))
+            return exits.InternalErrorExit(u32[8], tuple(u64[5:5 + ndata]))
         if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
             ndata = min(u32[9], 16)
-            return exits.SystemEventExit(u32[8], tuple(self._u64[5:5 + ndata]))
-        return exits.UnknownExit(reason, self._u64[4])
+            return exits.SystemEventExit(u32[8], tuple(u64[5:5 + ndata]))
+        return exits.UnknownExit(reason, u64[4])
 
     def _decode_io(self, word: int) -> exits.IoExit:
         """kvm_run.io (struct kvm_run in include/uapi/linux/kvm.h) -> IoExit, remembered for the next time."""
