@@ -93,7 +93,7 @@ def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | 
             launch = getattr(chosen, "launch_result", None)
             if launch is not None:
                 what = "measured" if chosen.encrypts else (
-                    f"what sev-es hardware would measure, C-bit {chosen.launch_inputs.c_bit}")
+                    f"what sev-es hardware would measure, C-bit {chosen.inputs.c_bit}")
                 click.echo(f"vmctl: launch digest ({what}): {launch.expected_digest.hex()}", err=True)
     except VmmdError as err:
         if out is not None:

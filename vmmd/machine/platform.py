@@ -74,6 +74,11 @@ class SevEsEmuPlatform(Platform):
     description = ("sev-es-emu: the GHCB protocol serviced by vmmd in userspace; nothing is encrypted and "
                    "nothing is attested")
 
+    def __init__(self, inputs=None) -> None:
+        from vmmd.sev.platform import FlatLaunchInputs
+
+        self.inputs = inputs or FlatLaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
+
     def attach(self, machine, ctx: ExitContext) -> None:
         from vmmd.sev.vmgexit import VmgexitAction, VmgexitService  # the run loop never imports SEV code
 
@@ -97,10 +102,9 @@ class SevEsEmuPlatform(Platform):
 
     def launch(self, machine) -> None:
         """Run the SEV-ES launch sequence against the software model to report the hardware's launch digest."""
-        from vmmd.sev.platform import FlatLaunchInputs, emulated_launch
+        from vmmd.sev.platform import emulated_launch
 
-        self.launch_inputs = FlatLaunchInputs()
-        self.launch_result = emulated_launch(machine, self.launch_inputs)
+        self.launch_result = emulated_launch(machine, self.inputs)
 
     def release(self, machine) -> None:
         service = getattr(self, "service", None)

@@ -1,0 +1,441 @@
+"""End to end: the vmmd daemon on a temporary socket, driven through vmctl and the protocol client.
+
+Real guests on real KVM (firmware/build), real worker processes, real peer credentials (a forked client
+that drops to uid 65534), real signals. Every guest is tiny; the whole module stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import REPO, guest
+from vmmd.daemon.protocol import MAX_REQUEST, Client, DaemonError
+
+NOBODY = 65534
+OTHER_UID = 65533
+
+
+def _free_gid() -> int:
+    import grp
+
+    used = {g.gr_gid for g in grp.getgrall()}
+    return next(g for g in range(47000, 48000) if g not in used)
+
+
+class Daemon:
+    """A vmmd process with its own socket, definitions, state and log directories."""
+
+    def __init__(self, root: Path, group: int | None = None, stop_timeout: float = 3.0) -> None:
+        self.root = root
+        self.socket = str(root / "run" / "vmmd.sock")
+        self.defs = root / "vms"
+        self.defs.mkdir(exist_ok=True)
+        self.group = group
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen | None = None
+        self.notify_sock: socket.socket | None = None
+
+    def define(self, name: str, firmware: str, **extra: object) -> Path:
+        lines = [f'firmware = "{guest(firmware)}"', 'memory = "4M"', 'platform = "sev-es-emu"']
+        lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+        path = self.defs / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self, notify: bool = False) -> None:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        if notify:
+            self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            path = str(self.root / "notify.sock")
+            if os.path.exists(path):
+                os.unlink(path)
+            self.notify_sock.bind(path)
+            self.notify_sock.settimeout(10)
+            env["NOTIFY_SOCKET"] = path
+        args = [sys.executable, "-m", "vmmd.daemon.server", "--socket", self.socket, "--definitions", str(self.defs),
+                "--state-dir", str(self.root / "state"), "--log-dir", str(self.root / "log"), "--pool", "4",
+                "--stop-timeout", str(self.stop_timeout)]
+        if self.group is not None:
+            args += ["--group", str(self.group)]
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=open(self.root / "daemon.err", "ab"))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"vmmd exited with {self.proc.returncode}: {(self.root / 'daemon.err').read_text()}")
+            try:
+                with Client(self.socket, 2) as client:
+                    client.request("ping")
+                return
+            except DaemonError:
+                time.sleep(0.05)
+        pytest.fail("vmmd did not answer within 15 s")
+
+    def client(self, timeout: float | None = 10) -> Client:
+        return Client(self.socket, timeout)
+
+    def request(self, op: str, **fields: object) -> dict:
+        with self.client(30) as client:
+            return client.request(op, **fields)
+
+    def vmctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vmmd.cli", *args, "--socket", self.socket], cwd=REPO,
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def wait_state(self, name: str, states: tuple[str, ...], timeout: float = 15) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = self.request("show", name=name)["guest"]
+            if shown["state"] in states or time.monotonic() > deadline:
+                return shown
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-"))
+    os.chmod(root, 0o755)  # the unprivileged client must reach the socket
+    gid = _free_gid()
+    d = Daemon(root, group=gid)
+    d.gid = gid
+    for i, firmware in enumerate(["hello", "demo", "ghcb-selftest", "mmio-poke"] * 2):
+        d.define(f"g{i}", firmware, timeout=20)
+    d.define("tf", "triple-fault")
+    d.define("garbage", "ghcb-garbage")
+    d.define("term", "ghcb-terminate")
+    d.define("spin", "spin")
+    d.define("spin2", "spin")
+    d.start()
+    yield d
+    if d.proc.poll() is None:
+        d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+EXPECTED_TEXT = {"hello": "Hello from a vmmd guest", "demo": "vmmd demo guest", "ghcb-selftest": "# done",
+                 "mmio-poke": "mmio-poke: 8-byte ok"}
+
+
+@pytest.mark.timeout(60)
+def test_eight_guests_at_once_reach_their_ends(daemon):
+    names = [f"g{i}" for i in range(8)]
+    replies: dict[str, dict | Exception] = {}
+
+    def start(name: str) -> None:
+        try:
+            replies[name] = daemon.request("start", name=name)
+        except Exception as err:  # noqa: BLE001 - reported below
+            replies[name] = err
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(isinstance(r, dict) and r["ok"] for r in replies.values()), replies
+    pids = {replies[n]["guest"]["pid"] for n in names}
+    assert len(pids) == 8, "each guest must run in its own worker process"
+    assert os.getpid() not in pids and daemon.proc.pid not in pids
+    for i, name in enumerate(names):
+        shown = daemon.wait_state(name, ("stopped", "failed"))
+        assert shown["state"] == "stopped", shown
+        assert shown["end"]["kind"] == "debug-exit" and shown["end"]["exit_code"] == 0, shown
+        console = daemon.vmctl("console", name)
+        assert console.returncode == 0, console.stderr
+        firmware = ["hello", "demo", "ghcb-selftest", "mmio-poke"][i % 4]
+        assert EXPECTED_TEXT[firmware] in console.stdout.decode(), console.stdout
+        log = daemon.vmctl("log", name)
+        assert EXPECTED_TEXT[firmware] in log.stdout.decode() and "ended (debug-exit)" in log.stdout.decode()
+    table = daemon.vmctl("list")
+    assert table.returncode == 0
+    rows = {line.split()[0]: line for line in table.stdout.decode().splitlines()[1:]}
+    assert all("stopped" in rows[n] and "debug-exit" in rows[n] for n in names), table.stdout
+    listed = json.loads(daemon.vmctl("list", "--json").stdout)
+    assert {g["name"] for g in listed} >= set(names)
+
+
+@pytest.mark.timeout(60)
+def test_crashing_guests_cost_only_themselves(daemon):
+    daemon.request("start", name="spin")
+    spin = daemon.wait_state("spin", ("running",))
+    assert spin["state"] == "running"
+    for name in ("tf", "garbage", "term"):
+        daemon.request("start", name=name)
+    ends = {name: daemon.wait_state(name, ("stopped", "failed")) for name in ("tf", "garbage", "term")}
+    assert ends["tf"]["end"]["kind"] == "shutdown" and ends["tf"]["end"]["exit_code"] == 4, ends["tf"]
+    assert "triple-fault" in ends["tf"]["end"]["reason"]
+    assert ends["garbage"]["end"]["kind"] == "ghcb-violation", ends["garbage"]
+    assert ends["term"]["end"]["kind"] == "sev-term" and ends["term"]["end"]["exit_code"] == 5, ends["term"]
+    assert "code 0x42" in ends["term"]["end"]["reason"]
+    # A worker that dies by a signal (a crash of the VMM process itself) is reported as such.
+    daemon.request("start", name="spin2")
+    spin2 = daemon.wait_state("spin2", ("running",))
+    os.kill(spin2["pid"], signal.SIGSEGV)
+    crashed = daemon.wait_state("spin2", ("stopped", "failed"))
+    assert crashed["end"]["kind"] == "killed" and "worker crashed (signal 11" in crashed["end"]["reason"], crashed
+    # The daemon and the spinning guest are unaffected; a new guest still runs.
+    assert daemon.request("show", name="spin")["guest"]["state"] == "running"
+    assert daemon.proc.poll() is None
+    ran = daemon.vmctl("start", "g0", "--wait")
+    assert ran.returncode == 0, ran.stderr
+    # Live console: attach to the spinning guest, stop it from elsewhere, the stream ends with it.
+    with daemon.client(timeout=15) as watcher:
+        watcher.request("console", name="spin")
+        received = watcher.take_buffered()
+        while b"spinning forever" not in received:
+            received += watcher.sock.recv(4096)
+        stopped = daemon.vmctl("stop", "spin")
+        assert stopped.returncode == 0, stopped.stderr
+        while chunk := watcher.sock.recv(4096):  # EOF when the guest has ended
+            received += chunk
+    end = daemon.request("show", name="spin")["guest"]["end"]
+    assert end["kind"] == "stopped" and "vmctl stop" in end["reason"], end
+    again = daemon.vmctl("stop", "spin")
+    assert again.returncode == 1 and b"not running" in again.stderr
+
+
+def _as_user(uid: int, groups: list[int], fn) -> dict:
+    """Run fn() in a forked child with these credentials; returns what it returned (a JSON-able dict)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.setgroups(groups)
+            os.setgid(groups[0] if groups else uid)
+            os.setuid(uid)
+            result = fn()
+        except BaseException as err:  # noqa: BLE001 - carried to the parent
+            result = {"exception": f"{type(err).__name__}: {err}"}
+        os.write(wfd, json.dumps(result).encode())
+        os._exit(0)
+    os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 65536):
+        data += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.mark.timeout(60)
+def test_unprivileged_client_only_touches_its_own_guests(daemon):
+    daemon.request("start", name="g1")  # a root-owned guest
+    daemon.wait_state("g1", ("stopped",))
+    firmware_dir = daemon.root / "fw"
+    firmware_dir.mkdir(exist_ok=True)
+    os.chmod(firmware_dir, 0o755)
+    mine = firmware_dir / "hello.bin"
+    shutil.copy(guest("hello"), mine)
+    os.chmod(mine, 0o644)
+    secret = firmware_dir / "secret.bin"
+    shutil.copy(guest("hello"), secret)
+    os.chmod(secret, 0o600)
+    socket_path = daemon.socket
+
+    def member() -> dict:
+        out: dict = {}
+        with Client(socket_path) as c:
+            out["ping_uid"] = c.request("ping")["uid"]
+            out["list"] = [g["name"] for g in c.request("list")["guests"]]
+            for op, fields in (("show", {}), ("stop", {}), ("console", {}), ("log", {}), ("start", {})):
+                try:
+                    c.request(op, name="g1", **fields)
+                    out[op] = "allowed"
+                except DaemonError as err:
+                    out[op] = [err.errno, err.message]
+            text = f'name = "nobodys"\nfirmware = "{mine}"\nmemory = "4M"\nplatform = "sev-es-emu"\n'
+            started = c.request("start", definition={"path": str(firmware_dir / "nobodys.toml"), "text": text})
+            out["own_owner"] = started["guest"]["owner"]
+            try:
+                c.request("start", definition={"path": str(firmware_dir / "x.toml"),
+                                               "text": text.replace(str(mine), str(secret)).replace("nobodys", "x")})
+                out["secret"] = "allowed"
+            except DaemonError as err:
+                out["secret"] = [err.errno, err.message]
+            try:
+                c.request("start", definition={"path": str(firmware_dir / "y.toml"),
+                                               "text": text.replace("nobodys", "y") + "owner = 0\n"})
+                out["as_root"] = "allowed"
+            except DaemonError as err:
+                out["as_root"] = [err.errno, err.message]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with Client(socket_path) as c:
+                shown = c.request("show", name="nobodys")["guest"]
+            if shown["state"] == "stopped":
+                break
+            time.sleep(0.05)
+        out["own_end"] = shown["end"]
+        with Client(socket_path) as c:
+            out["list_after"] = [g["name"] for g in c.request("list")["guests"]]
+        return out
+
+    got = _as_user(NOBODY, [daemon.gid], member)
+    assert "exception" not in got, got
+    assert got["ping_uid"] == NOBODY
+    assert got["list"] == [] and got["list_after"] == ["nobodys"], got
+    for op in ("show", "stop", "console", "log", "start"):
+        assert got[op][0] == "EPERM" and "belongs to uid 0" in got[op][1], (op, got[op])
+    assert got["own_owner"] == NOBODY
+    assert got["own_end"]["kind"] == "debug-exit", got["own_end"]
+    assert got["secret"][0] == "EPERM" and "not readable by uid 65534" in got["secret"][1], got["secret"]
+    assert got["as_root"][0] == "EPERM" and "key 'owner'" in got["as_root"][1], got["as_root"]
+    # root sees the member's guest and its owner
+    assert daemon.request("show", name="nobodys")["guest"]["owner"] == NOBODY
+
+    def outsider() -> dict:
+        try:
+            Client(socket_path).request("ping")
+            return {"connected": True}
+        except DaemonError as err:
+            return {"errno": err.errno, "message": err.message}
+
+    refused = _as_user(OTHER_UID, [OTHER_UID], outsider)
+    assert refused.get("errno") == "EACCES" and "members of its configured group" in refused["message"], refused
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.timeout(30)
+def test_malformed_and_oversized_requests_get_errors(daemon):
+    with daemon.client() as c:
+        for raw, errno in ((b"not json\n", "EINVAL"), (b"[1,2]\n", "EINVAL"), (b'{"op":"reboot"}\n', "EOPNOTSUPP"),
+                           (b'{"op":"show"}\n', "EINVAL"), (b'{"op":"show","name":"../etc"}\n', "EINVAL"),
+                           (b'{"op":"stop","name":"g0","force":"yes"}\n', "EINVAL"),
+                           (b'{"op":"list","uid":0}\n', "EINVAL"), (b"\xff\xfe\x00garbage\n", "EINVAL"),
+                           (b'{"op":"show","name":"nope"}\n', "ENOENT")):
+            c.send_raw(raw)
+            reply = c.read_reply()
+            assert reply["ok"] is False and reply["errno"] == errno, (raw, reply)
+            assert reply["error"]
+        assert c.request("ping")["ok"]  # the same connection still works
+    with daemon.client() as c:
+        c.send_raw(b'{"op":"ping","pad":"' + b"x" * (MAX_REQUEST + 10) + b'"}\n')
+        reply = c.read_reply()
+        assert reply["errno"] == "EMSGSIZE", reply
+        assert c.sock.recv(10) == b""  # and that connection is closed
+    for _ in range(20):  # clients that vanish mid-request
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(daemon.socket)
+        s.sendall(b'{"op":"li')
+        s.close()
+    assert daemon.request("ping")["ok"] and daemon.proc.poll() is None
+
+
+@pytest.mark.timeout(30)
+def test_bad_definition_is_named(daemon, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'firmware = "{guest("hello")}"\nplatform = "sev-snp"\n')
+    r = daemon.vmctl("start", "-f", str(bad))
+    assert r.returncode == 3
+    assert f"{bad}: key 'platform'" in r.stderr.decode() and "sev-es-emu" in r.stderr.decode()
+    missing = daemon.vmctl("start", "no-such-guest")
+    assert missing.returncode == 1 and b"no guest named" in missing.stderr
+
+
+@pytest.mark.timeout(60)
+def test_restart_keeps_definitions_and_reports_honestly():
+    root = Path(tempfile.mkdtemp(prefix="vmmd-restart-"))
+    d = Daemon(root, stop_timeout=2.0)
+    try:
+        d.define("hi", "hello")
+        d.define("loop", "spin")
+        d.start(notify=True)
+        assert b"READY=1" in d.notify_sock.recv(4096)
+        adhoc = root / "adhoc.toml"
+        adhoc.write_text(f'name = "adhoc"\nfirmware = "{guest("hello")}"\nmemory = "4M"\nplatform = "sev-es-emu"\n')
+        assert d.vmctl("start", "-f", str(adhoc), "--wait").returncode == 0
+        assert d.vmctl("start", "hi", "--wait").returncode == 0
+        d.request("start", name="loop")
+        loop_pid = d.wait_state("loop", ("running",))["pid"]
+        # The daemon dies hard: its workers die with it, and the next daemon says so.
+        d.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{loop_pid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{loop_pid}"), "the worker outlived its daemon"
+        d.start(notify=True)
+        guests = {g["name"]: g for g in d.request("list")["guests"]}
+        assert set(guests) == {"hi", "loop", "adhoc"}, guests
+        assert guests["hi"]["state"] == "stopped" and guests["hi"]["end"]["kind"] == "debug-exit"
+        assert guests["adhoc"]["state"] == "stopped" and guests["adhoc"]["adhoc"]
+        assert guests["loop"]["state"] == "stopped" and guests["loop"]["end"]["kind"] == "killed", guests["loop"]
+        assert "vmmd exited while the guest was running" in guests["loop"]["end"]["reason"]
+        # Graceful shutdown: SIGTERM stops running guests with a reason, tells systemd, exits 0.
+        d.request("start", name="loop")
+        d.wait_state("loop", ("running",))
+        while b"READY=1" not in d.notify_sock.recv(4096):
+            pass
+        assert d.stop(signal.SIGTERM) == 0
+        messages = b""
+        d.notify_sock.settimeout(1)
+        try:
+            while True:
+                messages += d.notify_sock.recv(4096)
+        except TimeoutError:
+            pass
+        assert b"STOPPING=1" in messages
+        d.start()
+        loop = d.request("show", name="loop")["guest"]
+        assert loop["end"]["kind"] == "stopped" and "vmmd shutdown (SIGTERM)" in loop["end"]["reason"], loop
+        assert d.request("show", name="adhoc")["guest"]["definition"]["firmware"] == guest("hello")
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(30)
+def test_console_attach_types_to_the_guest_and_detaches_with_ctrl_bracket(daemon):
+    import pty
+    import select as select_mod
+
+    daemon.request("start", name="spin2")
+    daemon.wait_state("spin2", ("running",))
+    pid, fd = pty.fork()
+    if pid == 0:  # vmctl on a real terminal, as a user runs it
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", "vmmd.cli", "console", "spin2", "--socket", daemon.socket])
+    seen = b""
+
+    def read_until(token: bytes, timeout: float = 10) -> bytes:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while token not in seen and time.monotonic() < deadline:
+            ready, _, _ = select_mod.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        return seen
+
+    assert b"spinning forever" in read_until(b"spinning forever"), seen
+    os.write(fd, b"abc")
+    time.sleep(0.3)
+    os.write(fd, b"\x1d")  # Ctrl-]
+    assert b"detached from spin2" in read_until(b"detached from spin2"), seen
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert daemon.request("show", name="spin2")["guest"]["state"] == "running"  # detaching leaves it running
+    daemon.request("stop", name="spin2")
+    end = daemon.request("show", name="spin2")["guest"]["end"]
+    assert end["kind"] == "stopped"
+    assert end["details"]["console_input_bytes"] == 3, end  # the typed bytes reached the guest's UART

@@ -1,0 +1,73 @@
+"""vmmd.daemon.auth: peer credentials from the kernel and the access policy."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from vmmd.daemon.auth import AccessDenied, Peer, Policy, may_read, peer_of
+
+
+def test_peer_of_reads_the_kernels_credentials():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        peer = peer_of(a)
+    assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
+    assert set(peer.groups) >= set(os.getgroups()) - {os.getgid()}
+
+
+def test_policy():
+    root, member, outsider = Peer(1, 0, 0, ()), Peer(2, 1000, 1000, (500,)), Peer(3, 1001, 1001, ())
+    policy = Policy(500, "vmmd")
+    policy.check_connect(root)
+    policy.check_connect(member)
+    with pytest.raises(AccessDenied, match="uid 1001 may not use vmmd: only root and members of group vmmd"):
+        policy.check_connect(outsider)
+    policy.check_owner(member, 1000, "stop", "g")
+    policy.check_owner(root, 1000, "stop", "g")
+    with pytest.raises(AccessDenied, match="uid 1000 may not stop guest 'g': it belongs to uid 0"):
+        policy.check_owner(member, 0, "stop", "g")
+    with pytest.raises(AccessDenied, match="only root"):
+        Policy(None).check_connect(member)
+    with pytest.raises(AccessDenied):
+        policy.check_root(member, "reload definitions")
+    assert Policy(1000).is_member(Peer(4, 1002, 1000, ()))  # primary group counts
+
+
+def test_may_read_follows_mode_bits():
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="vmmd-auth-"))  # /tmp is 1777: every parent is searchable
+    os.chmod(tmp_path, 0o755)
+    try:
+        _check_may_read(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+    hidden = Path(tempfile.mkdtemp(prefix="vmmd-auth-"))  # 0700: nothing inside is readable by others
+    try:
+        (hidden / "f").write_bytes(b"x")
+        os.chmod(hidden / "f", 0o644)
+        assert not may_read(str(hidden / "f"), Peer(1, 65534, 65534, ()))
+    finally:
+        shutil.rmtree(hidden)
+
+
+def _check_may_read(tmp_path):
+    public, private = tmp_path / "pub.bin", tmp_path / "priv.bin"
+    public.write_bytes(b"x")
+    private.write_bytes(b"x")
+    os.chmod(public, 0o644)
+    os.chmod(private, 0o600)
+    nobody = Peer(1, 65534, 65534, ())
+    assert may_read(str(public), Peer(1, 0, 0, ()))
+    assert may_read(str(private), Peer(1, 0, 0, ()))
+    assert not may_read(str(private), nobody)
+    assert not may_read(str(tmp_path / "missing"), nobody)
+    os.chmod(private, 0o640)
+    os.chown(private, 0, 4242)
+    assert may_read(str(private), Peer(1, 65534, 65534, (4242,)))
+    assert may_read(str(public), nobody)

@@ -1,0 +1,93 @@
+"""vmmd.daemon.definitions: TOML guest definitions and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmmd.daemon.definitions import DefinitionError, load_directory, load_file, parse_definition
+
+FW = "/opt/fw/hello.bin"
+
+
+def parse(text: str, **kw):
+    return parse_definition(text, "/etc/vmmd/vms/t.toml", kw.pop("name", "t"), kw.pop("owner", 0),
+                            Path("/etc/vmmd/vms"))
+
+
+def test_full_definition():
+    d = parse(f'''
+firmware = "{FW}"
+memory = "128M"
+vcpus = 2
+platform = "sev-es"
+timeout = 5
+guest_arg = 7
+owner = 1000
+[policy]
+flags = ["NODBG", "NOKS"]
+[console]
+ring = "8K"
+log = false
+[network]
+mode = "tap"
+bridge = "br0"
+''')
+    assert d.name == "t" and d.firmware == Path(FW) and d.memory_bytes == 128 << 20 and d.cpus == 2
+    assert d.platform == "sev-es" and d.timeout == 5.0 and d.guest_arg == 7 and d.owner == 1000
+    assert d.policy == 0b111  # NODBG | NOKS | ES
+    assert d.ring_bytes == 8 << 10 and d.log_console is False and d.net == "tap:br0"
+    cfg = d.machine_config()
+    assert cfg.memory_bytes == 128 << 20 and cfg.cpus == 2 and cfg.net == "tap:br0" and cfg.name == "t"
+
+
+def test_defaults_and_relative_firmware():
+    d = parse('firmware = "hello.bin"\n')
+    assert d.firmware == Path("/etc/vmmd/vms/hello.bin")
+    assert (d.memory_bytes, d.cpus, d.platform, d.timeout, d.policy, d.net) == (64 << 20, 1, "auto", None, None, None)
+
+
+@pytest.mark.parametrize("text, key, words", [
+    (f'firmware = "{FW}"\nplatform = "sev-snp"\n', "platform", "auto, plain, sev-es, sev-es-emu"),
+    (f'firmware = "{FW}"\nmemroy = "1G"\n', "memroy", "allowed: name, firmware, memory"),
+    ('memory = "64M"\n', "firmware", "missing"),
+    (f'firmware = "{FW}"\nmemory = "lots"\n', "memory", "not a size"),
+    (f'firmware = "{FW}"\nvcpus = 0\n', "vcpus", "must be 1.."),
+    (f'firmware = "{FW}"\nvcpus = "2"\n', "vcpus", "must be an integer"),
+    (f'firmware = "{FW}"\ntimeout = -1\n', "timeout", "positive"),
+    (f'firmware = "{FW}"\nowner = "no-such-user-xyz"\n', "owner", "no such user"),
+    (f'firmware = "{FW}"\nname = "bad/name"\n', "name", "not valid"),
+    (f'firmware = "{FW}"\n[policy]\nflags = ["NODEBUG"]\n', "policy.flags", "unknown SEV policy flag"),
+    (f'firmware = "{FW}"\n[policy]\nlevel = 3\n', "policy.level", "allowed: policy.flags"),
+    (f'firmware = "{FW}"\n[console]\nring = "1K"\n', "console.ring", "4K..16M"),
+    (f'firmware = "{FW}"\n[console]\nlog = "yes"\n', "console.log", "true or false"),
+    (f'firmware = "{FW}"\n[network]\nmode = "bridge"\n', "network.mode", "none, tap"),
+    (f'firmware = "{FW}"\n[network]\nbridge = "br0"\n', "network.bridge", "only with mode"),
+])
+def test_errors_name_file_key_and_allowed_values(text, key, words):
+    with pytest.raises(DefinitionError) as info:
+        parse(text)
+    message = str(info.value)
+    assert message.startswith(f"/etc/vmmd/vms/t.toml: key '{key}'"), message
+    assert words in message, message
+
+
+def test_not_toml_and_machine_limits():
+    with pytest.raises(DefinitionError, match=r"t.toml: not valid TOML"):
+        parse("firmware = \n")
+    with pytest.raises(DefinitionError, match=r"t.toml: memory size .* not a multiple of 4 KiB"):
+        parse(f'firmware = "{FW}"\nmemory = 4097\n')
+
+
+def test_directory_collects_errors_per_file(tmp_path):
+    (tmp_path / "a.toml").write_text(f'firmware = "{FW}"\n')
+    (tmp_path / "b.toml").write_text(f'firmware = "{FW}"\nname = "a"\n')
+    (tmp_path / "c.toml").write_text("vcpus = 1\n")
+    (tmp_path / "notes.txt").write_text("ignored")
+    definitions, errors = load_directory(tmp_path)
+    assert list(definitions) == ["a"]
+    assert len(errors) == 2
+    assert any(str(tmp_path / "b.toml") in e and "already defined" in e for e in errors)
+    assert any(str(tmp_path / "c.toml") in e and "key 'firmware'" in e for e in errors)
+    assert load_file(tmp_path / "a.toml").source == str(tmp_path / "a.toml")

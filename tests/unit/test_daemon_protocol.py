@@ -1,0 +1,68 @@
+"""vmmd.daemon.protocol: request validation and framing, fed hand-built lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vmmd.daemon.protocol import MAX_REQUEST, OPS, ProtocolError, encode, error, ok, parse_request
+
+
+def test_valid_requests_round_trip():
+    for request in ({"op": "ping"}, {"op": "list"}, {"op": "show", "name": "g0"},
+                    {"op": "start", "name": "a.b-c_1", "attach": True},
+                    {"op": "start", "definition": {"path": "/x.toml", "text": "firmware = 'x'"}},
+                    {"op": "stop", "name": "g", "force": False, "timeout": 2.5},
+                    {"op": "log", "name": "g", "tail": 100}, {"op": "console", "name": "g", "replay": False}):
+        line = encode(request)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert parse_request(line) == request
+
+
+@pytest.mark.parametrize("line, errno, words", [
+    (b"{", "EINVAL", "not a JSON object"),
+    (b"\xff\xfe", "EINVAL", "not a JSON object"),
+    (b"[]", "EINVAL", "must be a JSON object"),
+    (b'{"op":"format-disk"}', "EOPNOTSUPP", "unknown op"),
+    (b'{"name":"x"}', "EOPNOTSUPP", "unknown op"),
+    (b'{"op":"show"}', "EINVAL", "needs field 'name'"),
+    (b'{"op":"show","name":5}', "EINVAL", "must be str"),
+    (b'{"op":"stop","name":"g","force":1}', "EINVAL", "must be bool"),
+    (b'{"op":"stop","name":"g","timeout":true}', "EINVAL", "must not be a boolean"),
+    (b'{"op":"list","owner":0}', "EINVAL", "does not take field 'owner'"),
+    (b'{"op":"show","name":"../../etc/passwd"}', "EINVAL", "not valid"),
+    (b'{"op":"show","name":""}', "EINVAL", "not valid"),
+    (b'{"op":"start"}', "EINVAL", "exactly one of"),
+    (b'{"op":"start","name":"a","definition":{"path":"p","text":"t"}}', "EINVAL", "exactly one of"),
+    (b'{"op":"start","definition":{"path":"p"}}', "EINVAL", "'definition' must be"),
+])
+def test_bad_requests_name_the_problem(line, errno, words):
+    with pytest.raises(ProtocolError) as info:
+        parse_request(line)
+    assert info.value.errno == errno
+    assert words in info.value.message
+
+
+def test_oversized_request_is_refused():
+    line = encode({"op": "ping"})[:-1] + b" " * MAX_REQUEST
+    with pytest.raises(ProtocolError) as info:
+        parse_request(line)
+    assert info.value.errno == "EMSGSIZE"
+
+
+def test_replies():
+    assert json.loads(encode(ok(x=1))) == {"ok": True, "x": 1}
+    assert json.loads(encode(error("EPERM", "no"))) == {"ok": False, "errno": "EPERM", "error": "no"}
+
+
+@given(st.binary(max_size=512))
+def test_any_bytes_parse_or_raise_protocol_error(data):
+    try:
+        request = parse_request(data)
+    except ProtocolError as err:
+        assert err.errno in ("EINVAL", "EOPNOTSUPP", "EMSGSIZE")
+    else:
+        assert request["op"] in OPS

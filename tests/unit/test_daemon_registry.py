@@ -1,0 +1,69 @@
+"""vmmd.daemon.registry: console ring, persistence across daemon restarts, honest ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vmmd.daemon.registry import ConsoleRing, Registry
+
+
+def test_ring_keeps_the_tail_and_counts_everything():
+    ring = ConsoleRing(8)
+    ring.append(b"hello ")
+    ring.append(b"world!")
+    assert ring.contents() == b"o world!" and ring.total == 12
+    ring.append(b"x" * 100)
+    assert ring.contents() == b"x" * 8 and ring.total == 112
+
+
+def _registry(tmp_path: Path) -> Registry:
+    (tmp_path / "vms").mkdir(exist_ok=True)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    (tmp_path / "log").mkdir(exist_ok=True)
+    return Registry(tmp_path / "vms", tmp_path / "state", tmp_path / "log")
+
+
+def test_persisted_states_and_lost_guests(tmp_path):
+    reg = _registry(tmp_path)
+    (tmp_path / "vms" / "a.toml").write_text('firmware = "/x.bin"\n')
+    (tmp_path / "vms" / "b.toml").write_text('firmware = "/x.bin"\n')
+    assert reg.load() == []
+    a, b = reg.guests["a"], reg.guests["b"]
+    a.state, a.end = "stopped", {"kind": "debug-exit", "reason": "r", "exit_code": 0}
+    b.state, b.pid = "running", 4321
+    reg.save()
+    again = _registry(tmp_path)
+    assert again.load() == []
+    assert again.guests["a"].state == "stopped" and again.guests["a"].end["kind"] == "debug-exit"
+    lost = again.guests["b"]
+    assert lost.state == "stopped" and lost.end["kind"] == "killed"
+    assert "vmmd exited while the guest was running (worker pid 4321)" in lost.end["reason"]
+    assert "found at daemon restart" in again.read_log(lost, 4096).decode()
+    saved = json.loads((tmp_path / "state" / "guests.json").read_text())
+    assert {g["name"]: g["state"] for g in saved["guests"]} == {"a": "stopped", "b": "stopped"}
+
+
+def test_adhoc_guests_survive_and_removed_files_are_forgotten(tmp_path):
+    from vmmd.daemon.definitions import parse_definition
+    from vmmd.daemon.registry import Guest
+
+    reg = _registry(tmp_path)
+    (tmp_path / "vms" / "a.toml").write_text('firmware = "/x.bin"\n')
+    reg.load()
+    text = 'name = "mine"\nfirmware = "fw.bin"\n'
+    reg.guests["mine"] = Guest(parse_definition(text, "/home/u/mine.toml", None, 1000, Path("/home/u")), adhoc=True)
+    reg.save()
+    (tmp_path / "vms" / "a.toml").unlink()
+    again = _registry(tmp_path)
+    again.load()
+    assert list(again.guests) == ["mine"]
+    mine = again.guests["mine"]
+    assert mine.adhoc and mine.owner == 1000 and mine.definition.firmware == Path("/home/u/fw.bin")
+
+
+def test_corrupt_state_file_is_reported_not_fatal(tmp_path):
+    reg = _registry(tmp_path)
+    (tmp_path / "state" / "guests.json").write_text("{not json")
+    problems = reg.load()
+    assert problems and "unreadable" in problems[0]

@@ -1,0 +1,247 @@
+"""Guest definitions: TOML files -> a validated GuestDefinition (a MachineConfig plus the daemon's fields).
+
+A definition lives in the definitions directory (default /etc/vmmd/vms/, one NAME.toml per guest) or is
+sent ad hoc by `vmctl start -f FILE`. Every error names the file, the key and what is allowed. Schema
+(docs/daemon.md has the annotated version):
+
+    name = "demo"                 # optional, default: the file name without .toml
+    firmware = "demo.bin"         # required; relative paths are relative to the TOML file
+    memory = "64M"                # size with K/M/G suffix or bytes (default 64M)
+    vcpus = 1                     # 1..MAX_VCPUS
+    platform = "auto"             # auto | plain | sev-es | sev-es-emu
+    timeout = 30                  # seconds, optional
+    guest_arg = 0                 # number handed to the guest in its boot-info page
+    owner = "alice"               # user name or uid allowed to manage it besides root (default root)
+    [policy]                      # SEV-ES guest policy (sev-es only)
+    flags = ["NODBG"]             # NODBG NOKS ES NOSEND DOMAIN SEV (ES is always set)
+    [console]
+    ring = "64K"                  # console ring buffer kept by the daemon (4K..16M)
+    log = true                    # also append console output to the per-guest log file
+    [network]                     # placeholder: only what vmctl run --net offers
+    mode = "none"                 # none | tap
+    bridge = "br0"                # with mode = "tap": enslave the tap to this bridge
+"""
+
+from __future__ import annotations
+
+import pwd
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmmd.errors import VmmdError
+from vmmd.machine import layout as L
+from vmmd.machine.config import MachineConfig, parse_size
+from vmmd.machine.platform import PLATFORM_NAMES
+
+from .protocol import NAME_RE
+
+TOP_KEYS = ("name", "firmware", "memory", "vcpus", "platform", "timeout", "guest_arg", "owner", "description",
+            "policy", "console", "network")
+POLICY_KEYS = ("flags", "api_major", "api_minor")
+CONSOLE_KEYS = ("ring", "log")
+NETWORK_KEYS = ("mode", "bridge")
+NETWORK_MODES = ("none", "tap")
+MIN_RING, MAX_RING, DEFAULT_RING = 4 << 10, 16 << 20, 64 << 10
+MAX_DEFINITION_BYTES = 32 * 1024
+
+
+class DefinitionError(VmmdError):
+    """A guest definition that does not validate; the message names file, key and allowed values."""
+
+
+@dataclass
+class GuestDefinition:
+    name: str
+    source: str  # the TOML file (or "-f FILE" path of an ad-hoc guest)
+    firmware: Path
+    memory_bytes: int = 64 << 20
+    cpus: int = 1
+    platform: str = "auto"
+    timeout: float | None = None
+    guest_arg: int = 0
+    owner: int = 0
+    description: str = ""
+    policy: int | None = None
+    ring_bytes: int = DEFAULT_RING
+    log_console: bool = True
+    net: str | None = None
+    text: str = field(default="", repr=False)  # the TOML text, kept to persist ad-hoc guests
+
+    def machine_config(self) -> MachineConfig:
+        return MachineConfig(firmware=self.firmware, memory_bytes=self.memory_bytes, cpus=self.cpus,
+                             platform=self.platform, timeout=self.timeout, guest_arg=self.guest_arg, name=self.name,
+                             net=self.net)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "firmware": str(self.firmware),
+                "memory_bytes": self.memory_bytes, "vcpus": self.cpus, "platform": self.platform,
+                "timeout": self.timeout, "guest_arg": self.guest_arg, "owner": self.owner,
+                "description": self.description, "policy": self.policy, "console_ring": self.ring_bytes,
+                "console_log": self.log_console, "net": self.net}
+
+
+def _fail(source: str, key: str, message: str) -> DefinitionError:
+    return DefinitionError(f"{source}: key '{key}': {message}")
+
+
+def _check_keys(source: str, table: dict, allowed: tuple[str, ...], prefix: str = "") -> None:
+    for key in table:
+        if key not in allowed:
+            raise _fail(source, prefix + key, f"unknown key; allowed: {', '.join(prefix + k for k in allowed)}")
+
+
+def _int(source: str, key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, key, f"must be an integer {lo}..{hi}, got {value!r}")
+    if not lo <= value <= hi:
+        raise _fail(source, key, f"must be {lo}..{hi}, got {value}")
+    return value
+
+
+def _size(source: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _fail(source, key, f"must be a size such as \"64M\" or a number of bytes, got {value!r}")
+    try:
+        return parse_size(value)
+    except VmmdError as err:
+        raise _fail(source, key, str(err)) from None
+
+
+def _owner(source: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            raise _fail(source, "owner", f"no such user {value!r}; use a user name or a numeric uid") from None
+    return _int(source, "owner", value, 0, 2**32 - 2)
+
+
+def _policy(source: str, value: Any) -> int:
+    from vmmd.sev.launch import build_policy, check_policy
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        policy = value
+    elif isinstance(value, dict):
+        _check_keys(source, value, POLICY_KEYS, "policy.")
+        flags = value.get("flags", ["NODBG"])
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise _fail(source, "policy.flags", "must be a list of flag names: NODBG NOKS ES NOSEND DOMAIN SEV")
+        try:
+            policy = build_policy(flags, _int(source, "policy.api_major", value.get("api_major", 0), 0, 255),
+                                  _int(source, "policy.api_minor", value.get("api_minor", 0), 0, 255))
+        except VmmdError as err:
+            raise _fail(source, "policy.flags", str(err)) from None
+    else:
+        raise _fail(source, "policy", "must be a table ([policy] flags = [...]) or an integer policy word")
+    try:
+        check_policy(policy, None)
+    except VmmdError as err:
+        raise _fail(source, "policy", str(err)) from None
+    return policy
+
+
+def parse_definition(text: str, source: str, default_name: str | None = None, default_owner: int = 0,
+                     base_dir: Path | None = None) -> GuestDefinition:
+    """Validate one TOML definition. `source` names it in errors; relative firmware paths resolve
+    against `base_dir` (the TOML file's directory)."""
+    if len(text.encode()) > MAX_DEFINITION_BYTES:
+        raise DefinitionError(f"{source}: definition is larger than {MAX_DEFINITION_BYTES} bytes")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise DefinitionError(f"{source}: not valid TOML: {err}") from None
+    _check_keys(source, data, TOP_KEYS)
+    name = data.get("name", default_name)
+    if name is None:
+        raise _fail(source, "name", "missing (an ad-hoc definition must name its guest)")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise _fail(source, "name", f"{name!r} is not valid: 1-63 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    if "firmware" not in data:
+        raise _fail(source, "firmware", "missing: the path of a flat 64-bit firmware image is required")
+    if not isinstance(data["firmware"], str) or not data["firmware"]:
+        raise _fail(source, "firmware", f"must be a file path string, got {data['firmware']!r}")
+    firmware = Path(data["firmware"])
+    if not firmware.is_absolute():
+        firmware = (base_dir or Path.cwd()) / firmware
+    platform = data.get("platform", "auto")
+    if platform not in PLATFORM_NAMES:
+        raise _fail(source, "platform", f"{platform!r} is not one of: {', '.join(PLATFORM_NAMES)}")
+    timeout = data.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        raise _fail(source, "timeout", f"must be a positive number of seconds, got {timeout!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(source, "description", "must be a string")
+    definition = GuestDefinition(
+        name=name, source=source, firmware=firmware,
+        memory_bytes=_size(source, "memory", data.get("memory", "64M")),
+        cpus=_int(source, "vcpus", data.get("vcpus", 1), 1, L.MAX_VCPUS),
+        platform=platform, timeout=float(timeout) if timeout is not None else None,
+        guest_arg=_int(source, "guest_arg", data.get("guest_arg", 0), 0, 2**64 - 1),
+        owner=_owner(source, data["owner"]) if "owner" in data else default_owner,
+        description=description, text=text)
+    if "policy" in data:
+        definition.policy = _policy(source, data["policy"])
+    console = data.get("console", {})
+    if not isinstance(console, dict):
+        raise _fail(source, "console", "must be a table: [console] ring = \"64K\", log = true")
+    _check_keys(source, console, CONSOLE_KEYS, "console.")
+    if "ring" in console:
+        definition.ring_bytes = _size(source, "console.ring", console["ring"])
+        if not MIN_RING <= definition.ring_bytes <= MAX_RING:
+            raise _fail(source, "console.ring", f"must be {MIN_RING >> 10}K..{MAX_RING >> 20}M")
+    if "log" in console:
+        if not isinstance(console["log"], bool):
+            raise _fail(source, "console.log", "must be true or false")
+        definition.log_console = console["log"]
+    network = data.get("network", {})
+    if not isinstance(network, dict):
+        raise _fail(source, "network", "must be a table: [network] mode = \"none\" | \"tap\"")
+    _check_keys(source, network, NETWORK_KEYS, "network.")
+    mode = network.get("mode", "none")
+    if mode not in NETWORK_MODES:
+        raise _fail(source, "network.mode", f"{mode!r} is not one of: {', '.join(NETWORK_MODES)}")
+    bridge = network.get("bridge")
+    if bridge is not None and (mode != "tap" or not isinstance(bridge, str) or not bridge):
+        raise _fail(source, "network.bridge", "only with mode = \"tap\", as a bridge interface name")
+    if mode == "tap":
+        definition.net = "tap" + (f":{bridge}" if bridge else "")
+    try:
+        definition.machine_config().validate()
+    except VmmdError as err:
+        raise DefinitionError(f"{source}: {err}") from None
+    return definition
+
+
+def load_file(path: Path, default_owner: int = 0) -> GuestDefinition:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DefinitionError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DefinitionError(f"{path}: not UTF-8 text") from None
+    return parse_definition(text, str(path), path.stem, default_owner, path.parent)
+
+
+def load_directory(directory: Path) -> tuple[dict[str, GuestDefinition], list[str]]:
+    """Every *.toml in `directory`: (definitions by name, one error message per file that failed)."""
+    definitions: dict[str, GuestDefinition] = {}
+    errors: list[str] = []
+    if not directory.is_dir():
+        return definitions, errors
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            definition = load_file(path)
+        except DefinitionError as err:
+            errors.append(str(err))
+            continue
+        if definition.name in definitions:
+            errors.append(f"{path}: key 'name': {definition.name!r} is already defined by "
+                          f"{definitions[definition.name].source}")
+            continue
+        definitions[definition.name] = definition
+    return definitions, errors

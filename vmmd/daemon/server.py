@@ -1,0 +1,566 @@
+"""The vmmd daemon: control socket, request dispatch, guest lifecycle; `main()` is the `vmmd` command.
+
+One asyncio loop in one thread. Clients speak vmmd.daemon.protocol on a Unix socket; the caller is
+identified by SO_PEERCRED (vmmd.daemon.auth) and owns what it starts. Guests run in worker processes
+forked by the zygote (vmmd.daemon.worker); the daemon only moves bytes and records states, so a guest
+that crashes, hangs or floods its console costs only its own worker. SIGTERM/SIGINT stop every guest
+gracefully (stop request, then SIGKILL after --stop-timeout) and exit; SIGHUP rereads the definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from vmmd.errors import ExitCode
+
+from . import protocol as P
+from .auth import AccessDenied, Peer, Policy, may_read, peer_of
+from .definitions import DefinitionError, parse_definition
+from .registry import ACTIVE, ConsoleRing, Guest, Registry
+from .sdnotify import notify
+from .worker import (
+    MAX_MESSAGE,
+    MSG_CONSOLE,
+    MSG_ERROR,
+    MSG_GO,
+    MSG_INPUT,
+    MSG_RESULT,
+    MSG_STARTED,
+    MSG_STOP,
+    ZygoteClient,
+    describe_wait_status,
+)
+
+DEFAULT_DEFINITIONS = "/etc/vmmd/vms"
+DEFAULT_STATE_DIR = "/var/lib/vmmd"
+DEFAULT_LOG_DIR = "/var/log/vmmd"
+MAX_WATCHER_BACKLOG = 1 << 20  # a console client this far behind is detached, the guest never waits for it
+MAX_LOG_TAIL = 1 << 20
+STATUS_LOST_AFTER = 2.0  # seconds to wait for the zygote's exit status once a worker channel closed
+
+
+def _log(message: str) -> None:
+    print(f"vmmd: {message}", file=sys.stderr, flush=True)
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.socket_path = Path(args.socket)
+        self.registry = Registry(Path(args.definitions), Path(args.state_dir), Path(args.log_dir))
+        self.group_gid, group_name = _resolve_group(args.group)
+        self.policy = Policy(self.group_gid, group_name)
+        self.zygote = ZygoteClient(args.pool, self._on_worker_exit)
+        self.by_pid: dict[int, Guest] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.stopping = False
+        self.done = asyncio.Event()
+        self.clients: set[asyncio.StreamWriter] = set()
+
+    # --- start-up -----------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        for directory in (self.registry.state_dir, self.registry.log_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        for problem in self.registry.load():
+            _log(problem)
+        self.zygote.start(self.loop)
+        self.server = await self._listen()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, lambda s=sig: self.loop.create_task(self.shutdown(s)))
+        self.loop.add_signal_handler(signal.SIGHUP, self._reload)
+        _log(f"listening on {self.socket_path} (pid {os.getpid()}, group {self.policy.group_name or 'none: root only'}"
+             f", {len(self.registry.guests)} guests defined, pool {self.args.pool})")
+        notify("READY=1", f"MAINPID={os.getpid()}", self._status())
+        await self.done.wait()
+        return 0
+
+    async def _listen(self) -> asyncio.AbstractServer:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.exists() or path.is_socket():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket of a daemon that died
+            else:
+                raise SystemExit(f"vmmd: another vmmd is already listening on {path}")
+            finally:
+                probe.close()
+        old_umask = os.umask(0o177)  # the socket is born 0600, then opened to the group: no window for others
+        try:
+            server = await asyncio.start_unix_server(self._client, str(path), limit=P.MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        if self.group_gid is not None:
+            os.chown(path, 0 if os.geteuid() == 0 else -1, self.group_gid)
+            os.chmod(path, 0o660)
+        return server
+
+    def _status(self) -> str:
+        running = sum(1 for g in self.registry.guests.values() if g.state in ACTIVE)
+        return f"STATUS={running} guests running, {len(self.registry.guests)} defined"
+
+    def _reload(self) -> None:
+        for error in self.registry.scan():
+            _log(error)
+        self.registry.save()
+
+    # --- clients ----------------------------------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.clients.add(writer)
+        try:
+            peer = peer_of(writer.get_extra_info("socket"))
+            try:
+                self.policy.check_connect(peer)
+            except AccessDenied as err:
+                await self._reply(writer, P.error("EPERM", str(err)))
+                return
+            while not self.stopping:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as err:
+                    if err.partial.strip():
+                        await self._reply(writer, P.error("EINVAL", "request not terminated by a newline"))
+                    return
+                except asyncio.LimitOverrunError:
+                    await self._reply(writer, P.error("EMSGSIZE", f"request exceeds the limit of {P.MAX_REQUEST} "
+                                                                  "bytes; closing this connection"))
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    request = P.parse_request(line)
+                except P.ProtocolError as err:
+                    await self._reply(writer, P.error(err.errno, err.message))
+                    continue
+                stream = await self._dispatch(request, peer, writer)
+                if stream is not None:
+                    await self._stream(stream[0], stream[1], reader, writer)
+                    return
+        except (ConnectionError, OSError):
+            pass
+        except Exception as err:  # a daemon bug answers this client and spares the others
+            _log(f"internal error serving a client: {type(err).__name__}: {err}")
+            try:
+                await self._reply(writer, P.error("EIO", f"vmmd internal error: {type(err).__name__}: {err}"))
+            except Exception:
+                pass
+        finally:
+            self.clients.discard(writer)
+            writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, reply: dict) -> None:
+        writer.write(P.encode(reply))
+        await writer.drain()
+
+    async def _dispatch(self, request: dict, peer: Peer, writer: asyncio.StreamWriter) -> tuple[Guest, bool] | None:
+        """Answer one request; returns (guest, replay) when the connection becomes the guest's console stream."""
+        op = request["op"]
+        try:
+            if op == "ping":
+                reply = P.ok(pid=os.getpid(), uid=peer.uid, version=1, zygote=self.zygote.zygote_pid)
+            elif op == "list":
+                reply = P.ok(guests=[g.summary() for g in sorted(self.registry.guests.values(), key=lambda g: g.name)
+                                     if peer.is_root or g.owner == peer.uid])
+            elif op == "reload":
+                self.policy.check_root(peer, "reload definitions")
+                self._reload()
+                reply = P.ok(errors=self.registry.definition_errors)
+            elif op == "start":
+                guest = await self._start(request, peer)
+                if request.get("attach"):
+                    await self._reply(writer, P.ok(guest=guest.summary(), stream=True))
+                    return guest, request.get("replay", True)
+                reply = P.ok(guest=guest.summary())
+            else:
+                guest = self._find(request["name"], peer, op)
+                if op == "show":
+                    reply = P.ok(guest=guest.detail())
+                elif op == "stop":
+                    reply = await self._stop(guest, request, peer)
+                elif op == "log":
+                    tail = max(1, min(request.get("tail", 64 << 10), MAX_LOG_TAIL))
+                    reply = P.ok(log=self.registry.read_log(guest, tail).decode("utf-8", "replace"))
+                elif op == "console":
+                    await self._reply(writer, P.ok(guest=guest.summary(), stream=True))
+                    return guest, request.get("replay", True)
+                else:
+                    reply = P.error("EOPNOTSUPP", f"op {op!r} is not implemented")
+        except AccessDenied as err:
+            reply = P.error("EPERM", str(err))
+        except _RequestError as err:
+            reply = P.error(err.errno, err.message)
+        await self._reply(writer, reply)
+        return None
+
+    def _find(self, name: str, peer: Peer, action: str) -> Guest:
+        guest = self.registry.guests.get(name)
+        if guest is None:
+            self.registry.scan()
+            guest = self.registry.guests.get(name)
+        if guest is None:
+            raise _RequestError("ENOENT", f"no guest named {name!r} (definitions are read from "
+                                          f"{self.registry.definitions_dir}; `vmctl list` shows the known ones)")
+        self.policy.check_owner(peer, guest.owner, action, name)
+        return guest
+
+    # --- starting ---------------------------------------------------------------------------------------
+    async def _start(self, request: dict, peer: Peer) -> Guest:
+        if self.stopping:
+            raise _RequestError("ESHUTDOWN", "vmmd is shutting down")
+        if "name" in request:
+            guest = self._find(request["name"], peer, "start")
+        else:
+            guest = self._adhoc(request["definition"], peer)
+        if guest.state in ACTIVE:
+            raise _RequestError("EBUSY", f"guest {guest.name!r} is already {guest.state} (pid {guest.pid})")
+        guest.state, guest.error, guest.end, guest.result, guest.build_error = "starting", None, None, None, None
+        guest.stop_mode = guest.stop_reason = None
+        guest.channel_closed, guest.exit_status, guest.pid = False, None, None
+        guest.ring = ConsoleRing(guest.definition.ring_bytes)
+        guest.start_mono, guest.started_at, guest.ended_at = time.monotonic(), time.time(), None
+        guest.first_byte_seconds = None
+        guest.starts += 1
+        try:
+            worker = await self.zygote.take()
+        except Exception as err:
+            self._fail(guest, f"no worker process could be started: {err}")
+            raise _RequestError("EAGAIN", guest.error) from None
+        guest.worker, guest.pid = worker, worker.pid
+        self.by_pid[worker.pid] = guest
+        worker.sock.setblocking(False)
+        self.loop.add_reader(worker.sock.fileno(), self._on_worker_readable, guest)
+        spec = {**guest.definition.summary(), "policy": guest.definition.policy}
+        try:
+            worker.sock.send(MSG_GO + json.dumps(spec).encode())
+        except OSError as err:
+            self._fail(guest, f"worker {worker.pid} did not take the guest: {err}")
+            raise _RequestError("EIO", guest.error) from None
+        self.registry.log_event(guest, f"starting (worker pid {worker.pid}, requested by uid {peer.uid}, "
+                                       f"definition {guest.definition.source})")
+        self._changed()
+        return guest
+
+    def _adhoc(self, definition: dict, peer: Peer) -> Guest:
+        source = definition["path"]
+        path = Path(source)
+        try:
+            parsed = parse_definition(definition["text"], source, path.stem, peer.uid, path.parent)
+        except DefinitionError as err:
+            raise _RequestError("EINVAL", str(err)) from None
+        if not peer.is_root and parsed.owner != peer.uid:
+            raise AccessDenied(f"{source}: key 'owner': uid {peer.uid} may not start a guest owned by uid "
+                               f"{parsed.owner}; only root may")
+        if not may_read(str(parsed.firmware), peer):
+            raise AccessDenied(f"{source}: key 'firmware': {parsed.firmware} is not readable by uid {peer.uid}; "
+                               "vmmd loads firmware only from files its caller could read")
+        existing = self.registry.guests.get(parsed.name)
+        if existing is not None:
+            if not existing.adhoc:
+                raise _RequestError("EEXIST", f"{source}: key 'name': {parsed.name!r} is defined by "
+                                              f"{existing.definition.source}; start it by name or rename this one")
+            self.policy.check_owner(peer, existing.owner, "replace", parsed.name)
+            if existing.state in ACTIVE:
+                raise _RequestError("EBUSY", f"guest {parsed.name!r} is already {existing.state} "
+                                             f"(pid {existing.pid})")
+            existing.definition = parsed
+            return existing
+        guest = self.registry.guests[parsed.name] = Guest(parsed, adhoc=True, ring=ConsoleRing(parsed.ring_bytes))
+        return guest
+
+    def _fail(self, guest: Guest, error: str) -> None:
+        guest.state, guest.error, guest.ended_at = "failed", error, time.time()
+        self.registry.log_event(guest, f"failed: {error}")
+        self._release(guest)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Persist now (a small JSON file, renamed into place, no fsync: well under a millisecond), so a daemon
+        killed at any moment leaves the states it had reported."""
+        self.registry.save()
+        notify(self._status())
+
+    # --- worker messages --------------------------------------------------------------------------------
+    def _on_worker_readable(self, guest: Guest) -> None:
+        worker = guest.worker
+        if worker is None:
+            return
+        while True:
+            try:
+                data = worker.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._channel_closed(guest)
+                return
+            kind, body = data[:1], data[1:]
+            if kind == MSG_CONSOLE:
+                self._console(guest, body)
+            elif kind == MSG_STARTED:
+                info = json.loads(body)
+                guest.platform_note, guest.digest, guest.policy_note = info["note"], info["digest"], info["policy"]
+                guest.build_seconds = info.get("build_seconds")
+                if guest.state == "starting":
+                    guest.state = "running"
+                self.registry.log_event(guest, f"running: {info['note']}")
+                if guest.stop_mode is not None:  # a stop arrived while it was being built
+                    self._send_stop(guest)
+                self._changed()
+            elif kind == MSG_RESULT:
+                guest.result = json.loads(body)
+            elif kind == MSG_ERROR:
+                guest.build_error = json.loads(body)
+
+    def _console(self, guest: Guest, data: bytes) -> None:
+        if guest.first_byte_seconds is None and guest.start_mono is not None:
+            guest.first_byte_seconds = time.monotonic() - guest.start_mono
+        guest.ring.append(data)
+        self.registry.log_console(guest, data)
+        for writer in list(guest.watchers):
+            if writer.transport.get_write_buffer_size() > MAX_WATCHER_BACKLOG:
+                guest.watchers.discard(writer)
+                writer.close()  # too slow: detach it rather than buffer without bound
+                continue
+            writer.write(data)
+
+    def _channel_closed(self, guest: Guest) -> None:
+        worker = guest.worker
+        if worker is not None and not guest.channel_closed:
+            guest.channel_closed = True
+            try:
+                self.loop.remove_reader(worker.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            if guest.exit_status is not None:
+                self._finish(guest)
+            else:
+                self.loop.call_later(STATUS_LOST_AFTER, self._status_timeout, guest, worker)
+
+    def _status_timeout(self, guest: Guest, worker) -> None:
+        if guest.worker is worker and guest.exit_status is None:
+            self._finish(guest)
+
+    def _on_worker_exit(self, pid: int, status: int) -> None:
+        guest = self.by_pid.get(pid)
+        if guest is None or guest.pid != pid:
+            return
+        guest.exit_status = status
+        if guest.worker is not None:
+            self._on_worker_readable(guest)  # drain what the worker sent before it exited
+            self._channel_closed(guest)
+        if guest.channel_closed and guest.state in ACTIVE:
+            self._finish(guest)
+
+    def _finish(self, guest: Guest) -> None:
+        if guest.state not in ACTIVE:
+            return
+        guest.ended_at = time.time()
+        if guest.build_error is not None:
+            guest.state, guest.error = "failed", guest.build_error["message"]
+            self.registry.log_event(guest, f"failed: {guest.error}")
+        else:
+            if guest.result is not None:
+                end = dict(guest.result)
+            elif guest.stop_mode in ("force", "kill"):
+                end = {"kind": "killed", "reason": guest.stop_reason or "killed (SIGKILL)", "status": None,
+                       "seconds": None, "exit_code": int(ExitCode.INTERRUPTED)}
+            elif guest.exit_status is None:
+                end = {"kind": "vmm-error", "reason": "worker exited; its exit status was not observed "
+                                                      "(the zygote is gone)", "status": None, "seconds": None,
+                       "exit_code": int(ExitCode.VMM_ERROR)}
+            else:
+                kind, reason = describe_wait_status(guest.exit_status)
+                end = {"kind": kind, "reason": reason, "status": None, "seconds": None,
+                       "exit_code": int(ExitCode.INTERRUPTED if kind == "killed" else ExitCode.VMM_ERROR)}
+            guest.end = end
+            guest.state = "stopped"
+            self.registry.log_event(guest, f"ended ({end['kind']}): {end['reason']}")
+        self._release(guest)
+        for writer in list(guest.watchers):
+            writer.close()
+        guest.watchers.clear()
+        for waiter in guest.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        guest.waiters.clear()
+        self._changed()
+
+    def _release(self, guest: Guest) -> None:
+        worker, guest.worker = guest.worker, None
+        if worker is not None:
+            try:
+                self.loop.remove_reader(worker.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self.by_pid.pop(worker.pid, None)
+            worker.close()
+        self.registry.close_log(guest)
+
+    # --- stopping ---------------------------------------------------------------------------------------
+    def _send_stop(self, guest: Guest) -> None:
+        if guest.worker is None:
+            return
+        try:
+            guest.worker.sock.send(MSG_STOP + json.dumps({"reason": guest.stop_reason}).encode())
+        except OSError:
+            pass
+
+    def _kill(self, guest: Guest, reason: str) -> None:
+        if guest.worker is None:
+            return
+        guest.stop_mode, guest.stop_reason = "kill", reason
+        self.registry.log_event(guest, reason)
+        guest.worker.signal(signal.SIGKILL)
+
+    async def _wait_end(self, guest: Guest, timeout: float) -> bool:
+        if guest.state not in ACTIVE:
+            return True
+        waiter = self.loop.create_future()
+        guest.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _stop(self, guest: Guest, request: dict, peer: Peer) -> dict:
+        if guest.state not in ACTIVE:
+            raise _RequestError("EALREADY", f"guest {guest.name!r} is not running (state {guest.state})")
+        timeout = float(request.get("timeout", self.args.stop_timeout))
+        timeout = min(max(timeout, 0.0), 600.0)
+        if request.get("force"):
+            guest.state = "stopping"
+            self._kill(guest, f"killed by vmctl stop --force (SIGKILL, uid {peer.uid})")
+        else:
+            guest.state, guest.stop_mode = "stopping", "stop"
+            guest.stop_reason = f"stopped by vmctl stop (uid {peer.uid})"
+            self.registry.log_event(guest, f"stop requested by uid {peer.uid}")
+            self._send_stop(guest)
+            self._changed()
+            if not await self._wait_end(guest, timeout):
+                self._kill(guest, f"did not stop within {timeout:g} s of vmctl stop; killed (SIGKILL)")
+        await self._wait_end(guest, 10.0)
+        return P.ok(guest=guest.summary())
+
+    # --- console streams ------------------------------------------------------------------------------
+    async def _stream(self, guest: Guest, replay: bool, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """Ring buffer (when `replay`), then live output until the guest ends; client bytes go to the UART."""
+        if replay:
+            writer.write(guest.ring.contents())
+        if guest.state not in ACTIVE:
+            await writer.drain()
+            return
+        guest.watchers.add(writer)
+        try:
+            while guest.state in ACTIVE and writer in guest.watchers:
+                data = await reader.read(4096)
+                if not data:
+                    return
+                if guest.worker is not None and guest.state in ACTIVE:
+                    try:
+                        guest.worker.sock.send(MSG_INPUT + data)
+                    except OSError:
+                        pass
+        finally:
+            guest.watchers.discard(writer)
+
+    # --- shutdown ---------------------------------------------------------------------------------------
+    async def shutdown(self, signum: int) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        name = signal.Signals(signum).name
+        notify("STOPPING=1", f"STATUS=stopping guests ({name})")
+        _log(f"{name}: stopping guests (deadline {self.args.stop_timeout:g} s)")
+        self.server.close()
+        active = [g for g in self.registry.guests.values() if g.state in ACTIVE]
+        for guest in active:
+            guest.state, guest.stop_mode = "stopping", "shutdown"
+            guest.stop_reason = f"stopped by vmmd shutdown ({name})"
+            self.registry.log_event(guest, guest.stop_reason)
+            self._send_stop(guest)
+        self.registry.save()
+        await asyncio.gather(*(self._wait_end(g, self.args.stop_timeout) for g in active))
+        for guest in active:
+            if guest.state in ACTIVE:
+                self._kill(guest, f"did not stop within {self.args.stop_timeout:g} s of vmmd shutdown; "
+                                  "killed (SIGKILL)")
+        await asyncio.gather(*(self._wait_end(g, STATUS_LOST_AFTER + 1) for g in active))
+        for writer in list(self.clients):
+            writer.close()
+        self.zygote.close()
+        for guest in list(self.registry.guests.values()):
+            self.registry.close_log(guest)
+        self.registry.save()
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        _log("stopped")
+        self.done.set()
+
+
+class _RequestError(Exception):
+    def __init__(self, errno: str, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+
+
+def _resolve_group(group: str | None) -> tuple[int | None, str | None]:
+    if group is None or group == "":
+        return None, None
+    if group.isdigit():
+        gid = int(group)
+        try:
+            return gid, grp.getgrgid(gid).gr_name
+        except KeyError:
+            return gid, str(gid)
+    try:
+        return grp.getgrnam(group).gr_gid, group
+    except KeyError:
+        raise SystemExit(f"vmmd: --group {group!r}: no such group (create it, e.g. groupadd {group})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmmd", description="The vmmd daemon: runs guests for vmctl, one worker "
+                                     "process per guest. See docs/daemon.md.")
+    parser.add_argument("--socket", default=os.environ.get(P.SOCKET_ENV, P.DEFAULT_SOCKET),
+                        help=f"control socket path (default {P.DEFAULT_SOCKET}, or ${P.SOCKET_ENV})")
+    parser.add_argument("--definitions", default=DEFAULT_DEFINITIONS, help="directory of NAME.toml guest definitions")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where guests.json is kept across restarts")
+    parser.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="per-guest log files NAME.log")
+    parser.add_argument("--group", default=None,
+                        help="group (name or gid) whose members may manage their own guests; the socket is "
+                             "made 0660 root:GROUP (without it: 0600, root only)")
+    parser.add_argument("--pool", type=int, default=4, help="idle warm worker processes kept ready (default 4)")
+    parser.add_argument("--stop-timeout", type=float, default=10.0,
+                        help="seconds a guest gets to stop before SIGKILL (vmctl stop, daemon shutdown)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.pool < 0 or args.pool > 256:
+        raise SystemExit("vmmd: --pool must be 0..256")
+    daemon = Daemon(args)
+    sys.exit(asyncio.run(daemon.run()))
+
+
+if __name__ == "__main__":
+    main()
