@@ -1,0 +1,177 @@
+"""Attach a guest to the network: parse the definition, make the tap, put virtio-net on the MMIO bus.
+
+Machine.build() calls `attach_network(machine, cfg.net)` once its vCPUs exist;
+Machine.close() calls `handle.close()`, which stops the device thread and removes
+the tap (and a bridge this guest created, once it has no ports left).
+
+Definition (`vmctl run --net`), a string:
+    tap[:BRIDGE][,mac=02:11:22:33:44:55][,mtu=1500][,ifname=NAME][,create-bridge][,vnet-hdr][,host-ip=A.B.C.D/N]
+- BRIDGE: enslave the tap to this bridge; `create-bridge` creates it when missing.
+- mac: the guest NIC's MAC (default: stable, derived from the guest name).
+- mtu: the tap's MTU, also offered to the guest (VIRTIO_NET_F_MTU).
+- ifname: the tap's name (default vmmd-<guest name>).
+- vnet-hdr: open the tap with IFF_VNET_HDR (the virtio_net_hdr passes through).
+- host-ip: an IPv4 address for the host side: on the tap, or on the bridge when this guest creates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from vmmd.devices.virtio_mmio import VirtioMmio
+from vmmd.devices.virtio_net import VirtioNet
+from vmmd.devices.virtqueue import DmaWindows
+from vmmd.errors import VmmdError
+from vmmd.machine import layout as L
+from vmmd.net import names, tap
+
+log = logging.getLogger("vmmd.net")
+
+SEV_PLATFORMS = ("sev-es", "sev-es-emu")
+
+
+@dataclass
+class NetSpec:
+    """A validated network definition."""
+
+    backend: str = "tap"
+    bridge: str | None = None
+    create_bridge: bool = False
+    mac: bytes | None = None
+    mtu: int | None = None
+    ifname: str | None = None
+    vnet_hdr: bool = False
+    host_ip: str | None = None
+
+
+def parse_net_spec(text: str) -> NetSpec:
+    """'tap[:BRIDGE][,key=value|flag...]' -> NetSpec; VmmdError naming the bad part."""
+    head, *options = [part.strip() for part in text.split(",")]
+    backend, _, bridge = head.partition(":")
+    if backend != "tap":
+        raise VmmdError(f"--net {text!r}: only the 'tap' backend exists (tap[:BRIDGE][,options])")
+    spec = NetSpec(bridge=bridge or None)
+    if spec.bridge is not None and (len(spec.bridge) >= names.IFNAMSIZ or "/" in spec.bridge):
+        raise VmmdError(f"--net {text!r}: bridge name {spec.bridge!r} is not a valid interface name")
+    for option in options:
+        key, eq, value = option.partition("=")
+        try:
+            if key == "create-bridge" and not eq:
+                spec.create_bridge = True
+            elif key == "vnet-hdr" and not eq:
+                spec.vnet_hdr = True
+            elif key == "mac" and eq:
+                spec.mac = names.parse_mac(value)
+            elif key == "mtu" and eq:
+                spec.mtu = int(value, 0)
+                if not 68 <= spec.mtu <= 65535:
+                    raise ValueError(f"MTU {spec.mtu} is outside 68..65535")
+            elif key == "ifname" and eq:
+                if not value or len(value) >= names.IFNAMSIZ or "/" in value:
+                    raise ValueError(f"interface name {value!r} is empty, too long or has a '/'")
+                spec.ifname = value
+            elif key == "host-ip" and eq:
+                tap._split_cidr(value)
+                spec.host_ip = value
+            else:
+                raise ValueError("unknown option (known: mac=, mtu=, ifname=, host-ip=, create-bridge, vnet-hdr)")
+        except ValueError as err:
+            raise VmmdError(f"--net {text!r}: option {option!r}: {err}") from None
+    if spec.create_bridge and spec.bridge is None:
+        raise VmmdError(f"--net {text!r}: create-bridge needs a bridge name (tap:BRIDGE,create-bridge)")
+    return spec
+
+
+class NetworkHandle:
+    """What attach_network() made; close() undoes all of it and never raises."""
+
+    def __init__(self, tap_dev: tap.Tap, device: VirtioNet, transport: VirtioMmio, created_bridge: str | None,
+                 mmio_gpa: int) -> None:
+        self.tap = tap_dev
+        self.device = device
+        self.transport = transport
+        self.created_bridge = created_bridge
+        self.mmio_gpa = mmio_gpa
+
+    @property
+    def tap_name(self) -> str:
+        return self.tap.name
+
+    def close(self) -> None:
+        steps = [("stop the device thread", self.device.close),
+                 ("remove the tap", lambda: tap.delete_link(self.tap.name)),
+                 ("close the tap fd", self.tap.close)]
+        if self.created_bridge:
+            steps.append(("remove the bridge", self._remove_bridge))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - close must finish; the daemon's sweep catches leftovers
+                log.warning("network close: could not %s (%s): %s", what, self.tap.name, err)
+
+    def _remove_bridge(self) -> None:
+        if not tap.bridge_has_ports(self.created_bridge):
+            tap.delete_link(self.created_bridge)
+
+
+def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
+    """Create the tap for `machine` and plug a virtio-net device at VIRTIO_NET_MMIO_GPA into its MMIO bus.
+
+    Needs machine.mmio_bus, machine.memory, machine.vm, machine.config.name and
+    machine.platform.name. On SEV platforms the device may only reach the shared
+    region (layout.SHARED_GPA) and insists on VIRTIO_F_ACCESS_PLATFORM.
+    """
+    if isinstance(spec, str):
+        spec = parse_net_spec(spec)
+    guest = machine.config.name
+    sev = getattr(machine.platform, "name", "plain") in SEV_PLATFORMS
+    mac = spec.mac or names.guest_mac(guest)
+    ifname = spec.ifname or names.tap_name(guest)
+    pid = os.getpid()
+    created_bridge = None
+    if spec.create_bridge:
+        if tap.create_bridge(spec.bridge, names.owner_alias("bridge", pid, guest), spec.host_ip, None):
+            created_bridge = spec.bridge
+    if spec.host_ip and spec.bridge and not created_bridge:
+        raise VmmdError(f"host-ip {spec.host_ip} with the existing bridge {spec.bridge!r}: give the bridge its "
+                        "address yourself, or leave out host-ip")
+    try:
+        tap_dev = tap.open_tap(ifname, spec.vnet_hdr)
+    except BaseException:
+        if created_bridge:
+            tap.delete_link(created_bridge)
+        raise
+    device = None
+    try:
+        tap.configure_tap(tap_dev, mac=names.host_mac(guest), mtu=spec.mtu,
+                          alias=names.owner_alias("tap", pid, guest), bridge=spec.bridge,
+                          host_ip=None if created_bridge or spec.bridge else spec.host_ip)
+        windows = DmaWindows(machine.memory, [(L.SHARED_GPA, L.SHARED_SIZE)] if sev else None)
+        device = VirtioNet(tap_dev.fd, mac, name=f"virtio-net {tap_dev.name}", mtu=spec.mtu,
+                           vnet_hdr=spec.vnet_hdr, require_access_platform=sev)
+        transport = VirtioMmio(device, windows, irq=_irq_line(machine))
+        machine.mmio_bus.insert(transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE)
+    except BaseException:
+        if device is not None:
+            device.close()
+        try:
+            tap.delete_link(tap_dev.name)
+        finally:
+            tap_dev.close()
+            if created_bridge:
+                tap.delete_link(created_bridge)
+        raise
+    log.info("guest %s: virtio-net at %#x, tap %s, MAC %s", guest, L.VIRTIO_NET_MMIO_GPA, tap_dev.name,
+             names.format_mac(mac))
+    return NetworkHandle(tap_dev, device, transport, created_bridge, L.VIRTIO_NET_MMIO_GPA)
+
+
+def _irq_line(machine):
+    """A level-triggered line through KVM_IRQ_LINE when the VM has an in-kernel irqchip, else None (guests poll)."""
+    vm = machine.vm
+    irq_line = getattr(vm, "irq_line", None)
+    if irq_line is None or not getattr(vm, "has_irqchip", False):
+        return None
+    return lambda level: irq_line(L.VIRTIO_NET_IRQ, 1 if level else 0)
