@@ -62,8 +62,9 @@ def main() -> None:
 @click.option("--console", "console_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the serial console to FILE instead of standard output")
 @click.option("--guest-arg", type=str, default="0", help="a number handed to the guest in its boot-info page")
-@click.option("--net", type=str, default=None, metavar="tap[:BRIDGE]",
-              help="attach a virtio-net device backed by a new tap (optionally enslaved to BRIDGE)")
+@click.option("--net", type=str, default=None, metavar="tap[:BRIDGE][,OPTION...]",
+              help="attach a virtio-net device backed by a new tap, optionally enslaved to BRIDGE; options: "
+                   "mac=, mtu=, ifname=, create-bridge, vnet-hdr, host-ip=A.B.C.D/N (docs/networking.md)")
 @click.option("--stdin-console", is_flag=True,
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")

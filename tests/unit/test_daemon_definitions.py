@@ -91,3 +91,24 @@ def test_directory_collects_errors_per_file(tmp_path):
     assert any(str(tmp_path / "b.toml") in e and "already defined" in e for e in errors)
     assert any(str(tmp_path / "c.toml") in e and "key 'firmware'" in e for e in errors)
     assert load_file(tmp_path / "a.toml").source == str(tmp_path / "a.toml")
+
+
+def test_network_section_maps_to_net_spec(tmp_path) -> None:
+    from vmmd.daemon.definitions import DefinitionError, load_file
+    from vmmd.net.attach import parse_net_spec
+
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"\xf4" * 16)
+    path = tmp_path / "g.toml"
+    path.write_text(f'firmware = "{firmware}"\n[network]\nmode = "tap"\nbridge = "br9"\ncreate_bridge = true\n'
+                    'mac = "02:00:00:aa:bb:cc"\nmtu = 1400\n')
+    definition = load_file(path)
+    spec = parse_net_spec(definition.net)
+    assert spec.bridge == "br9" and spec.create_bridge and spec.mtu == 1400
+    assert spec.mac == bytes.fromhex("020000aabbcc")
+    for bad, key in [('mtu = 10', "network.mtu"), ('mac = "zz"', "network.mac"),
+                     ('create_bridge = "yes"', "network.create_bridge")]:
+        path.write_text(f'firmware = "{firmware}"\n[network]\nmode = "tap"\nbridge = "br9"\n{bad}\n')
+        with pytest.raises(DefinitionError) as err:
+            load_file(path)
+        assert f"key '{key}'" in str(err.value) and str(path) in str(err.value)

@@ -17,14 +17,18 @@ sent ad hoc by `vmctl start -f FILE`. Every error names the file, the key and wh
     [console]
     ring = "64K"                  # console ring buffer kept by the daemon (4K..16M)
     log = true                    # also append console output to the per-guest log file
-    [network]                     # placeholder: only what vmctl run --net offers
+    [network]                     # what vmctl run --net offers (docs/networking.md)
     mode = "none"                 # none | tap
     bridge = "br0"                # with mode = "tap": enslave the tap to this bridge
+    create_bridge = false         # create the bridge when it does not exist (removed with the guest)
+    mac = "02:..."                # the guest's MAC (default: derived stably from the guest name)
+    mtu = 1500                    # the tap's MTU
 """
 
 from __future__ import annotations
 
 import pwd
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +45,7 @@ TOP_KEYS = ("name", "firmware", "memory", "vcpus", "platform", "timeout", "guest
             "policy", "console", "network")
 POLICY_KEYS = ("flags", "api_major", "api_minor")
 CONSOLE_KEYS = ("ring", "log")
-NETWORK_KEYS = ("mode", "bridge")
+NETWORK_KEYS = ("mode", "bridge", "create_bridge", "mac", "mtu")
 NETWORK_MODES = ("none", "tap")
 MIN_RING, MAX_RING, DEFAULT_RING = 4 << 10, 16 << 20, 64 << 10
 MAX_DEFINITION_BYTES = 32 * 1024
@@ -206,8 +210,31 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
     bridge = network.get("bridge")
     if bridge is not None and (mode != "tap" or not isinstance(bridge, str) or not bridge):
         raise _fail(source, "network.bridge", "only with mode = \"tap\", as a bridge interface name")
+    options = []
+    if "create_bridge" in network:
+        if not isinstance(network["create_bridge"], bool) or (network["create_bridge"] and not bridge):
+            raise _fail(source, "network.create_bridge", "must be true or false, and true needs network.bridge")
+        if network["create_bridge"]:
+            options.append("create-bridge")
+    if "mac" in network:
+        if not isinstance(network["mac"], str) or not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
+                                                                     network["mac"]):
+            raise _fail(source, "network.mac", "must be a MAC address like \"02:00:00:12:34:56\"")
+        options.append(f"mac={network['mac']}")
+    if "mtu" in network:
+        if not isinstance(network["mtu"], int) or isinstance(network["mtu"], bool) or not 68 <= network["mtu"] <= 65535:
+            raise _fail(source, "network.mtu", "must be an integer from 68 to 65535")
+        options.append(f"mtu={network['mtu']}")
+    if options and mode != "tap":
+        raise _fail(source, "network", "create_bridge, mac and mtu need mode = \"tap\"")
     if mode == "tap":
-        definition.net = "tap" + (f":{bridge}" if bridge else "")
+        definition.net = ",".join(["tap" + (f":{bridge}" if bridge else ""), *options])
+        from vmmd.net.attach import parse_net_spec
+
+        try:
+            parse_net_spec(definition.net)
+        except VmmdError as err:
+            raise _fail(source, "network", str(err)) from None
     try:
         definition.machine_config().validate()
     except VmmdError as err:

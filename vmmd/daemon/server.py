@@ -74,6 +74,7 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         for problem in self.registry.load():
             _log(problem)
+        self._sweep_network()
         self.zygote.start(self.loop)
         self.server = await self._listen()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,6 +85,19 @@ class Daemon:
         notify("READY=1", f"MAINPID={os.getpid()}", self._status())
         await self.done.wait()
         return 0
+
+    @staticmethod
+    def _sweep_network() -> None:
+        """Remove taps and bridges that workers of an earlier vmmd left behind (their owner pid is gone)."""
+        try:
+            from vmmd.net.tap import net_admin_unavailable_reason, sweep_stale_taps
+
+            if net_admin_unavailable_reason() is None:
+                removed = sweep_stale_taps()
+                if removed:
+                    _log(f"removed network links left by dead workers: {', '.join(removed)}")
+        except Exception as err:  # noqa: BLE001 - a failed sweep must not keep the daemon from starting
+            _log(f"could not sweep stale network links: {err}")
 
     async def _listen(self) -> asyncio.AbstractServer:
         path = self.socket_path
