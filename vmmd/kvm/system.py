@@ -240,26 +240,26 @@ class Vcpu:
         self.run = self._make_run()  # one KVM_RUN, decoded into an exit value (see _make_run)
 
     # --- registers ----------------------------------------------------------
+    def _get(self, struct_type, request: int, operation: str):
+        """A KVM_GET_* ioctl that fills one struct of `struct_type`."""
+        value = struct_type()
+        _ioctl(self.fd, request, value, operation)
+        return value
+
     def get_regs(self) -> uapi.kvm_regs:
-        regs = uapi.kvm_regs()
-        _ioctl(self.fd, io.KVM_GET_REGS, regs, "KVM_GET_REGS")
-        return regs
+        return self._get(uapi.kvm_regs, io.KVM_GET_REGS, "KVM_GET_REGS")
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
         _ioctl(self.fd, io.KVM_SET_REGS, regs, "KVM_SET_REGS")
 
     def get_sregs(self) -> uapi.kvm_sregs:
-        sregs = uapi.kvm_sregs()
-        _ioctl(self.fd, io.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
-        return sregs
+        return self._get(uapi.kvm_sregs, io.KVM_GET_SREGS, "KVM_GET_SREGS")
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         _ioctl(self.fd, io.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
     def get_fpu(self) -> uapi.kvm_fpu:
-        fpu = uapi.kvm_fpu()
-        _ioctl(self.fd, io.KVM_GET_FPU, fpu, "KVM_GET_FPU")
-        return fpu
+        return self._get(uapi.kvm_fpu, io.KVM_GET_FPU, "KVM_GET_FPU")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS: the MSRs KVM returned, in order; it stops at the first one it refuses."""
@@ -297,17 +297,13 @@ class Vcpu:
         _ioctl(self.fd, io.KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
     def get_xsave(self) -> uapi.kvm_xsave:
-        xsave = uapi.kvm_xsave()
-        _ioctl(self.fd, io.KVM_GET_XSAVE, xsave, "KVM_GET_XSAVE")
-        return xsave
+        return self._get(uapi.kvm_xsave, io.KVM_GET_XSAVE, "KVM_GET_XSAVE")
 
     def set_xsave(self, xsave: uapi.kvm_xsave) -> None:
         _ioctl(self.fd, io.KVM_SET_XSAVE, xsave, "KVM_SET_XSAVE")
 
     def get_xcrs(self) -> uapi.kvm_xcrs:
-        xcrs = uapi.kvm_xcrs()
-        _ioctl(self.fd, io.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
-        return xcrs
+        return self._get(uapi.kvm_xcrs, io.KVM_GET_XCRS, "KVM_GET_XCRS")
 
     def get_xcr0(self) -> int:
         xcrs = self.get_xcrs()
