@@ -20,6 +20,7 @@ run: deps firmware
 	$(VENV)/bin/vmctl run firmware/build/demo.bin --platform auto --timeout $(TIMEOUT)
 
 test: deps firmware
+	$(VENV)/bin/ruff check vmmd tests scripts
 	$(PY) -m pytest -q tests
 
 lint: deps

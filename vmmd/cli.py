@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -52,14 +51,14 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("firmware", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("firmware", type=click.Path(dir_okay=False))
 @click.option("--memory", "-m", default="64M", show_default=True, help="guest RAM (bytes, or K/M/G suffix)")
 @click.option("--cpus", "-c", default=1, show_default=True, type=int, help="number of vCPUs")
 @click.option("--platform", "-p", default="auto", show_default=True,
               type=click.Choice(["auto", "plain", "sev-es", "sev-es-emu"]),
               help="auto picks sev-es where the host has it, else sev-es-emu")
 @click.option("--timeout", "-t", type=float, default=None, help="stop the VM after this many seconds")
-@click.option("--console", "console_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--console", "console_path", type=click.Path(dir_okay=False), default=None,
               help="write the serial console to FILE instead of standard output")
 @click.option("--guest-arg", type=str, default="0", help="a number handed to the guest in its boot-info page")
 @click.option("--net", type=str, default=None, metavar="tap[:BRIDGE][,OPTION...]",
@@ -68,7 +67,7 @@ def main() -> None:
 @click.option("--stdin-console", is_flag=True,
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
-def run(firmware: Path, memory: str, cpus: int, platform: str, timeout: float | None, console_path: Path | None,
+def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | None, console_path: str | None,
         guest_arg: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
     """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
     from vmmd.devices.console import Console

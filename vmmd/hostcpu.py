@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import platform
 import struct
 
 # x86-64 SysV: void cpuid(u32 leaf /*edi*/, u32 subleaf /*esi*/, u32 out[4] /*rdx*/)
@@ -33,8 +32,8 @@ def host_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
     driver's /dev/cpu/0/cpuid (pread at offset leaf | subleaf << 32) where W^X forbids that.
     """
     global _cpuid_func, _cpuid_map
-    if platform.machine() not in ("x86_64", "AMD64"):
-        raise OSError(f"CPUID needs an x86-64 host, this is {platform.machine()}")
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        raise OSError(f"CPUID needs an x86-64 host, this is {os.uname().machine}")
     if _cpuid_func is None:
         try:
             _cpuid_map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,

@@ -75,7 +75,7 @@ class GuestMemory:
         self._starts: list[int] = []
 
     @classmethod
-    def with_ram(cls, memory_bytes: int) -> "GuestMemory":
+    def with_ram(cls, memory_bytes: int) -> GuestMemory:
         if memory_bytes % PAGE_SIZE:
             raise GuestMemoryError(f"memory size {memory_bytes} is not a multiple of 4 KiB")
         if memory_bytes < MIN_MEMORY_BYTES:

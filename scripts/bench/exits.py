@@ -90,7 +90,9 @@ def qemu_image(tmp: Path, count: int, console_byte: str | None = None) -> Path:
 
 
 def vmctl_cmd() -> tuple[list[str], str]:
-    installed = shutil.which("vmctl")
+    """The console script a user runs: the one installed beside this interpreter (the .venv), else on PATH."""
+    beside = Path(sys.executable).parent / "vmctl"
+    installed = str(beside) if beside.exists() else shutil.which("vmctl")
     if installed:
         return [installed], "vmctl"
     return [sys.executable, "-m", "vmmd.cli"], "python -m vmmd.cli"

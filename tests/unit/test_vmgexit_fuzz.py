@@ -67,8 +67,8 @@ scratch_gpas = st.one_of(
     st.sampled_from([0, GHCB_GPA + g.SHARED_BUFFER, GHCB_GPA + 0x7F8, GHCB_GPA + g.SHARED_BUFFER_END - 8,
                      GHCB_GPA + 0xFFF, 0x30000, RAM - 16, RAM, 0xC000_0000, (1 << 64) - 8, GHCB_GPA + 0x1000]),
     st.integers(0, RAM + 0x10000), U64)
-bitmaps = st.one_of(U64.map(lambda lo: lo | (0x7 << (114 - 64)) << 64 if lo & 1 else lo), st.integers(0, (1 << 128) - 1),
-                    st.just((1 << 128) - 1))
+bitmaps = st.one_of(U64.map(lambda lo: lo | (0x7 << (114 - 64)) << 64 if lo & 1 else lo),
+                    st.integers(0, (1 << 128) - 1), st.just((1 << 128) - 1))
 small_or_any = st.one_of(st.integers(0, 64), st.integers(0, 5000), U64)
 ghcb_msr_values = st.one_of(st.just(GHCB_GPA), st.just(GHCB_GPA), st.integers(0, 0xFFF),
                             U64.map(lambda v: v & ~0xFFF), U64,
@@ -92,7 +92,7 @@ def test_service_survives_any_ghcb(setup, exit_code, ioio, info1, info2, bitmap,
     page.u8[g.SHARED_BUFFER:g.SHARED_BUFFER + 64] = np.frombuffer(noise, np.uint8)
     if exit_code == g.SVM_EXIT_IOIO:
         info1 = ioio
-    for offset, value in zip((g.RAX, g.RBX, g.RCX, g.RDX, g.XCR0, g.XSS), regs):
+    for offset, value in zip((g.RAX, g.RBX, g.RCX, g.RDX, g.XCR0, g.XSS), regs, strict=True):
         page.set(offset, value, mark_valid=False)
     page.set(g.SW_EXIT_CODE, exit_code, mark_valid=False)
     page.set(g.SW_EXIT_INFO_1, info1, mark_valid=False)

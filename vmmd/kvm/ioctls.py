@@ -11,8 +11,20 @@ import ctypes
 from ioctl_opt import IO, IOR, IOW, IOWR
 
 from vmmd.kvm.uapi import (
-    KVMIO, kvm_cpuid2, kvm_device_attr, kvm_enable_cap, kvm_enc_region, kvm_fpu, kvm_msr_filter, kvm_msrs,
-    kvm_pit_config, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_xcrs, kvm_xsave,
+    KVMIO,
+    kvm_cpuid2,
+    kvm_device_attr,
+    kvm_enable_cap,
+    kvm_enc_region,
+    kvm_fpu,
+    kvm_msr_filter,
+    kvm_msrs,
+    kvm_pit_config,
+    kvm_regs,
+    kvm_sregs,
+    kvm_userspace_memory_region,
+    kvm_xcrs,
+    kvm_xsave,
 )
 
 # /dev/kvm

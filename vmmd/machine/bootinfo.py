@@ -7,7 +7,7 @@ here with it, so the VMM and the firmware cannot disagree.
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
+import os
 
 u16, u32, u64 = ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -38,6 +38,7 @@ class vmmd_bootinfo(ctypes.Structure):
 
 
 LAYOUT_HEADERS = ["bootinfo.h"]
-LAYOUT_INCLUDE_DIRS = [str(Path(__file__).resolve().parents[2] / "firmware" / "include")]
+LAYOUT_INCLUDE_DIRS = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                   "firmware", "include")]
 LAYOUT_STRUCTS = [vmmd_mem_range, vmmd_bootinfo]
 LAYOUT_CONSTANTS = [name for name in dir() if name.startswith("VMMD_") and name.isupper()]

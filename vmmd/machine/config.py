@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from os import PathLike
 
 from vmmd.errors import VmmdError
 from vmmd.machine import layout as L
@@ -26,7 +26,7 @@ def parse_size(text: str | int) -> int:
 
 @dataclass
 class MachineConfig:
-    firmware: Path
+    firmware: str | PathLike
     memory_bytes: int = 64 << 20
     cpus: int = 1
     platform: str = "auto"

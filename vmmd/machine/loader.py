@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import array
 import ctypes
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from vmmd.errors import VmmdError
 from vmmd.kvm import uapi
@@ -37,7 +37,7 @@ GDT_ENTRIES = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF]
 
 @dataclass
 class LoadedImage:
-    path: Path
+    path: str
     entry_gpa: int
     image_size: int
     low_area_size: int  # bytes from 0 written by the VMM (boot info, GDT, page tables)
@@ -45,13 +45,14 @@ class LoadedImage:
     def measured_regions(self) -> list[tuple[int, int, str]]:
         """(gpa, length, name) in launch order: VMM-built structures, then the firmware image."""
         return [(L.BOOTINFO_GPA, self.low_area_size - L.BOOTINFO_GPA, "boot info, GDT, page tables"),
-                (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, f"firmware {self.path.name}")]
+                (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, f"firmware {os.path.basename(self.path)}")]
 
 
-def read_firmware(path: str | Path, memory_bytes: int) -> bytes:
-    p = Path(path)
+def read_firmware(path: str | os.PathLike, memory_bytes: int) -> bytes:
+    p = os.fspath(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as image:
+            data = image.read()
     except FileNotFoundError:
         raise VmmdError(f"firmware {p} does not exist (build the guests with `make -C firmware`)") from None
     except IsADirectoryError:
@@ -118,7 +119,8 @@ def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_
     memory.write(L.BOOTINFO_GPA, bytes(info))
 
 
-def load_flat_firmware(memory: GuestMemory, path: str | Path, platform: str, cpu_count: int, doorbell_port: int = 0,
+def load_flat_firmware(memory: GuestMemory, path: str | os.PathLike, platform: str, cpu_count: int,
+                       doorbell_port: int = 0,
                        c_bit: int = 0, guest_arg: int = 0, virtio_net_gpa: int = 0) -> tuple[LoadedImage, int]:
     """Write image + VMM structures into guest RAM; returns (image, cr3)."""
     if cpu_count > L.MAX_VCPUS:
@@ -130,7 +132,7 @@ def load_flat_firmware(memory: GuestMemory, path: str | Path, platform: str, cpu
     shared = [(L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE), (L.SHARED_GPA, L.SHARED_SIZE)]
     cr3 = build_page_tables(memory, c_bit, shared)
     gib_count = (max(FOUR_GIB_GPA, max(g + s for g, s in memory.ranges())) + GIB - 1) // GIB
-    image = LoadedImage(Path(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + gib_count * PAGE_SIZE)
+    image = LoadedImage(os.fspath(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + gib_count * PAGE_SIZE)
     return image, cr3
 
 

@@ -9,9 +9,8 @@ traceback that kills the process (or, under the daemon, the worker).
 
 from __future__ import annotations
 
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from vmmd.devices.bus import MmioBus, PortBus
 from vmmd.errors import ExitCode, VmStop
@@ -178,6 +177,8 @@ def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop 
             stop.reason = f"{stop.reason}\n  {register_dump(vcpu)}"
         return stop
     except Exception as err:  # noqa: BLE001 - a VMM bug must stop this VM, not the process
+        import traceback  # only on this rare path: it costs start-up time otherwise
+
         detail = traceback.format_exc(limit=-3).strip().splitlines()
         return VmStop("vmm-error", f"vmmd internal error while running vCPU {vcpu.index}: "
                       f"{type(err).__name__}: {err} [{' | '.join(line.strip() for line in detail[-3:])}]",

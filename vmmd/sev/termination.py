@@ -94,7 +94,8 @@ def decode_sev_termination(data0: int, memory: GuestMemory | None) -> SevTermina
     exit_info_1 = int(words[ghcb.SW_EXIT_INFO_1 // 8])
     if exit_code != ghcb.SVM_VMGEXIT_TERM_REQUEST:
         return SevTermination(GHCB_NAE, data0, None, None,
-                              f"GHCB sw_exit_code is {exit_code:#x}, not TERM_REQUEST {ghcb.SVM_VMGEXIT_TERM_REQUEST:#x}")
+                              f"GHCB sw_exit_code is {exit_code:#x}, "
+                              f"not TERM_REQUEST {ghcb.SVM_VMGEXIT_TERM_REQUEST:#x}")
     reason_set, reason_code = ghcb.nae_termination_decode(exit_info_1)
     detail = f"sw_exit_info_1 {exit_info_1:#x} has bits above [11:0]" if exit_info_1 >> 12 else ""
     return SevTermination(GHCB_NAE, data0, reason_set, reason_code, detail)

@@ -131,7 +131,8 @@ class VmgexitService:
         self.sev_info = g.sev_info_response(ghcb_version, g.GHCB_VERSION_MIN, c_bit)
         self.ghcb_msr: list[int] = [self.sev_info] * vcpu_count  # sev_es_vcpu_reset() preloads SEV_INFO
         self.ap_jump_table = 0  # per VM, as sev->ap_jump_table
-        self.last_error: list[tuple[int, int] | None] = [None] * vcpu_count  # (exit code, GHCB_ERR_*) of the last refusal
+        # (exit code, GHCB_ERR_*) of each vCPU's last refused event
+        self.last_error: list[tuple[int, int] | None] = [None] * vcpu_count
         self._xcr0 = [1] * vcpu_count  # vcpu->arch.xcr0 starts at XFEATURE_MASK_FP
         self._xss = [0] * vcpu_count
         self._hold: list[int | None] = [None] * vcpu_count  # AP reset hold: GHCB GPA (NAE) or -1 (MSR protocol)
