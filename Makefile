@@ -39,6 +39,7 @@ $(VENV)/.installed: pyproject.toml | apt-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m compileall -q vmmd  # bytecode caches, as pip makes for installed packages: faster vmctl start
 	touch $@
 
 # Install Debian packages only when one is missing; say how when not root.
