@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +61,57 @@ def python_loop(guest: Path, arg_for: callable, check_unmapped: bool) -> callabl
         if check_unmapped and run.unmapped_port_writes != n:
             raise BenchError(f"vmmd saw {run.unmapped_port_writes} unmapped port writes, the guest made {n}")
         return run.seconds
+    return timed
+
+
+def bare_ioctl_loop(guest: Path) -> callable:
+    """The floor of any Python run loop: fcntl.ioctl(KVM_RUN) and one kvm_run read per exit, nothing else.
+
+    The exit-loop guest's outb exits to port 0x80 are taken by this bare loop (no decode, no dispatch); the
+    exits before and after it go through vmmd's handle_exit() so the guest still starts and ends normally."""
+    import fcntl
+
+    from vmmd.devices.console import Console
+    from vmmd.errors import VmStop
+    from vmmd.kvm.ioctls import KVM_RUN
+    from vmmd.machine.config import MachineConfig
+    from vmmd.machine.machine import Machine
+    from vmmd.machine.platform import select_platform
+    from vmmd.machine.runloop import handle_exit, run_vcpu
+
+    def timed(n: int) -> float:
+        chosen, _ = select_platform("plain")
+        machine = Machine(MachineConfig(firmware=guest, memory_bytes=64 << 20, platform="plain", guest_arg=n),
+                          chosen, Console(None).write).build()
+        try:
+            vcpu = machine.vcpus[0]
+            while True:  # up to the first exit of the loop
+                ex = vcpu.run()
+                if getattr(ex, "port", None) == 0x80:
+                    break
+                handle_exit(ex, vcpu, machine.ctx)
+            fd, u32, ioctl, count = vcpu.fd, vcpu._u32, fcntl.ioctl, 1
+            start = time.perf_counter()
+            while True:
+                ioctl(fd, KVM_RUN)
+                if u32[8] >> 16 != 0x80:  # kvm_run.io.port (all other exits of this guest leave other ports)
+                    break
+                count += 1
+            seconds = time.perf_counter() - start
+            if count != n:
+                raise BenchError(f"bare loop saw {count} port 0x80 exits, the guest made {n}")
+            reason = u32[2]  # the exit that ended the loop (the debug-exit write) is still in kvm_run
+            pending = vcpu._decode_io(vcpu._u64[4]) if reason == 2 else vcpu._decode_other(reason)
+            try:
+                handle_exit(pending, vcpu, machine.ctx)
+                stop = run_vcpu(vcpu, machine.ctx, lambda: False)
+            except VmStop as raised:
+                stop = raised
+            if stop is None or stop.kind != "debug-exit":
+                raise BenchError(f"exit-loop after the bare loop ended with {stop and stop.reason}")
+        finally:
+            machine.close()
+        return seconds
     return timed
 
 
@@ -132,6 +184,8 @@ def main() -> int:
         c_uart = rate_by_difference(c_loop(minivmm, port_loop, uart_scr, "uart_writes"), args.low, args.high,
                                     args.repeat)
         print(fmt_rate("minimal C VMM, UART scratch 0x3ff", c_uart))
+        bare = rate_by_difference(bare_ioctl_loop(exit_loop), args.low, args.high, args.repeat)
+        print(fmt_rate("bare Python ioctl loop (floor), port 0x80", bare))
         ratio = py.per_second / c.per_second
         ratio_uart = py_uart.per_second / c_uart.per_second
         figures.update({
@@ -142,6 +196,9 @@ def main() -> int:
             "uart_python_exits_per_s": round(py_uart.per_second), "uart_c_exits_per_s": round(c_uart.per_second),
             "uart_python_added_us_per_exit": round(py_uart.us_per_op - c_uart.us_per_op, 3),
             "uart_ratio": round(ratio_uart, 3),
+            "bare_python_exits_per_s": round(bare.per_second), "bare_python_us_per_exit": round(bare.us_per_op, 3),
+            "bare_python_ratio": round(bare.per_second / c.per_second, 3),
+            "decode_dispatch_us_per_exit": round(py.us_per_op - bare.us_per_op, 3),
         })
         qemu = qemu_binary()
         if qemu:
@@ -154,6 +211,8 @@ def main() -> int:
         else:
             print("  QEMU: qemu-system-x86_64 not found (apt-get install qemu-system-x86); skipped")
             figures["qemu_exits_per_s"] = None
+        print(f"  bare Python ioctl loop / C: {bare.per_second / c.per_second:.3f} (the ceiling for any Python loop "
+              f"here); vmmd decode + dispatch + device: {py.us_per_op - bare.us_per_op:.2f} us/exit")
         print(f"  ratio Python/C exit rate: {ratio:.3f} (goal >= {EXIT_GOAL}); UART write: {ratio_uart:.3f}")
 
         # An installed package has bytecode caches (pip and `make deps` compile them); without them every
