@@ -115,3 +115,19 @@ def test_vcpu_accepts_table(tmp_path) -> None:
     assert isinstance(vcpu.get_regs(), uapi.kvm_regs)
     vm.close()
     kvm.close()
+
+
+def test_irq_line_needs_and_uses_the_in_kernel_irqchip() -> None:
+    from vmmd.kvm import KvmError
+
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    with pytest.raises(KvmError) as err:
+        vm.irq_line(5, 1)
+    assert "KVM_IRQ_LINE(5)" in str(err.value) and "no in-kernel irqchip" in str(err.value)
+    vm.create_irqchip()
+    assert vm.has_irqchip
+    vm.irq_line(5, 1)
+    vm.irq_line(5, 0)
+    vm.close()
+    kvm.close()

@@ -130,6 +130,7 @@ class Vm:
         self.vcpus: list[Vcpu] = []
         self.memory: GuestMemory | None = None
         self._msr_filter_bitmaps: list = []  # kept alive while KVM may read them
+        self.has_irqchip = False
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> None:
         region = uapi.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size,
@@ -147,7 +148,14 @@ class Vm:
         _ioctl_ulong(self.fd, io.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")
 
     def create_irqchip(self) -> None:
+        """In-kernel PIC + IOAPIC + LAPICs (before any vCPU); device interrupts then go through irq_line()."""
         _ioctl(self.fd, io.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+        self.has_irqchip = True
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive GSI `irq` of the in-kernel irqchip high (1) or low (0)."""
+        _ioctl(self.fd, io.KVM_IRQ_LINE, uapi.kvm_irq_level(irq=irq, level=level), f"KVM_IRQ_LINE({irq})",
+               "the VM has no in-kernel irqchip" if not self.has_irqchip else "")
 
     def create_pit2(self) -> None:
         _ioctl(self.fd, io.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=0), "KVM_CREATE_PIT2")

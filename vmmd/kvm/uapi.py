@@ -121,6 +121,12 @@ KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 
 
+class kvm_irq_level(ctypes.Structure):
+    """`irq` is a union with `status` in the header (status is what KVM_IRQ_LINE_STATUS returns)."""
+
+    _fields_ = [("irq", u32), ("level", u32)]
+
+
 class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -247,7 +253,7 @@ LAYOUT_HEADERS = ["linux/kvm.h", "asm/kvm.h"]
 LAYOUT_STRUCTS = [
     kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_msr_entry, kvm_msrs, kvm_cpuid_entry2,
     kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_xsave, kvm_msr_filter_range, kvm_msr_filter, kvm_pit_config,
-    kvm_userspace_memory_region, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
+    kvm_userspace_memory_region, kvm_irq_level, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
 ]
 LAYOUT_CONSTANTS = [
     "KVM_API_VERSION", "KVMIO", "KVM_NR_INTERRUPTS", "KVM_MAX_XCRS", "KVM_MSR_FILTER_MAX_RANGES",
