@@ -86,7 +86,9 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
         chosen, note = select_platform(platform)
         if console_path is not None:
             out = open(console_path, "wb")
-        console = Console(out if out is not None else sys.stdout.buffer, line_buffered=True)
+        interactive = stdin_console or (not sys.stdin.closed and sys.stdin.isatty())
+        # Interactive: show every byte at once (prompts and echoes end in no newline); else write per line.
+        console = Console(out if out is not None else sys.stdout.buffer, line_buffered=not interactive)
         machine = Machine(config, chosen, console.write).build()
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
@@ -102,7 +104,7 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
     except OSError as err:
         _fail(f"{err.filename or ''}: {err.strerror}" if err.strerror else str(err))
     console_input = None
-    if not sys.stdin.closed and sys.stdin.isatty() or stdin_console:
+    if interactive:
         from vmmd.machine.console_input import ConsoleInput
 
         console_input = ConsoleInput(sys.stdin.fileno(), machine.uart, lambda: machine.request_stop(
