@@ -68,7 +68,12 @@ class Kvm:
         except PermissionError:
             raise VmmdError(f"{path} is not accessible to this user: run as root or add the user to the group "
                             f"that owns {path} (usually 'kvm': usermod -aG kvm $USER, then log in again)") from None
-        version = fcntl.ioctl(self.fd, io.KVM_GET_API_VERSION)
+        try:
+            version = fcntl.ioctl(self.fd, io.KVM_GET_API_VERSION)
+        except OSError as err:
+            os.close(self.fd)
+            raise VmmdError(f"{path} does not answer KVM_GET_API_VERSION ({os.strerror(err.errno or 0)}): it is "
+                            "not a KVM device") from None
         if version != uapi.KVM_API_VERSION:
             os.close(self.fd)
             raise VmmdError(f"KVM API version is {version}, vmmd needs {uapi.KVM_API_VERSION}: the kernel is too "

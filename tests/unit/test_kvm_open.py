@@ -1,0 +1,53 @@
+"""Opening /dev/kvm: each way it can fail gets a message that says what to do."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vmmd.errors import VmmdError
+from vmmd.kvm import Kvm
+
+
+def test_missing_device_says_load_the_module(tmp_path) -> None:
+    with pytest.raises(VmmdError) as err:
+        Kvm(str(tmp_path / "kvm"))
+    assert "does not exist" in str(err.value) and "modprobe kvm_amd or kvm_intel" in str(err.value)
+
+
+def test_not_a_kvm_device(tmp_path) -> None:
+    with pytest.raises(VmmdError) as err:
+        Kvm("/dev/null")
+    assert "not a KVM device" in str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_no_permission_says_which_group() -> None:
+    """Run as uid 65534 in a forked child: /dev/kvm (mode 0600 or 0660 root:kvm) is not accessible."""
+    if os.stat("/dev/kvm").st_mode & 0o006:
+        pytest.skip("/dev/kvm is world-accessible here")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            Kvm()
+            message = "opened"
+        except VmmdError as err:
+            message = str(err)
+        except BaseException as err:  # noqa: BLE001 - report anything to the parent
+            message = f"unexpected {type(err).__name__}: {err}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    message = b""
+    while chunk := os.read(read_end, 4096):
+        message += chunk
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    text = message.decode()
+    assert "is not accessible to this user" in text and "usermod -aG kvm" in text, text
