@@ -61,6 +61,9 @@ def main() -> None:
 @click.option("--console", "console_path", type=click.Path(dir_okay=False), default=None,
               help="write the serial console to FILE instead of standard output")
 @click.option("--guest-arg", type=str, default="0", help="a number handed to the guest in its boot-info page")
+@click.option("--firmware-type", type=click.Choice(["auto", "flat", "reset-vector"]), default="auto",
+              show_default=True, help="flat 64-bit image, or a reset-vector image ending at 4 GiB (OVMF); "
+                                      "auto: reset-vector when the image has OVMF's footer table")
 @click.option("--net", type=str, default=None, metavar="tap[:BRIDGE][,OPTION...]",
               help="attach a virtio-net device backed by a new tap, optionally enslaved to BRIDGE; options: "
                    "mac=, mtu=, ifname=, create-bridge, vnet-hdr, host-ip=A.B.C.D/N (docs/networking.md)")
@@ -68,7 +71,7 @@ def main() -> None:
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
 def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | None, console_path: str | None,
-        guest_arg: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
+        guest_arg: str, firmware_type: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
     """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig, parse_size
@@ -82,7 +85,7 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
     out = None
     try:
         config = MachineConfig(firmware=firmware, memory_bytes=parse_size(memory), cpus=cpus, platform=platform,
-                               timeout=timeout, guest_arg=arg, net=net).validate()
+                               timeout=timeout, guest_arg=arg, firmware_type=firmware_type, net=net).validate()
         chosen, note = select_platform(platform)
         if console_path is not None:
             out = open(console_path, "wb")
@@ -93,6 +96,8 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
             launch = getattr(chosen, "launch_result", None)
+            if launch is None and getattr(machine, "launch_note", None):
+                click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)
             if launch is not None:
                 what = "measured" if chosen.encrypts else (
                     f"what sev-es hardware would measure, C-bit {chosen.inputs.c_bit}")

@@ -33,6 +33,7 @@ class MachineConfig:
     timeout: float | None = None  # seconds; None = no limit
     guest_arg: int = 0
     name: str = "guest"
+    firmware_type: str = "auto"  # auto | flat | reset-vector (vmmd.machine.loader.FIRMWARE_TYPES)
     net: str | None = None  # "tap[:BRIDGE]": a virtio-net device backed by a tap (vmmd.net)
 
     def validate(self) -> MachineConfig:

@@ -35,20 +35,69 @@ EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 GDT_ENTRIES = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF]
 
 
+FLAT = "flat"  # 64-bit image at FIRMWARE_LOAD_GPA, entered in long mode with a boot-info page
+RESET_VECTOR = "reset-vector"  # OVMF-style image ending at 4 GiB, entered in the x86 reset state
+FIRMWARE_TYPES = ("auto", FLAT, RESET_VECTOR)
+
+
 @dataclass
 class LoadedImage:
     path: str
     entry_gpa: int
     image_size: int
-    low_area_size: int  # bytes from 0 written by the VMM (boot info, GDT, page tables)
+    low_area_size: int = 0  # flat: bytes from 0 written by the VMM (boot info, GDT, page tables)
+    kind: str = FLAT
+    image_gpa: int = L.FIRMWARE_LOAD_GPA
 
     def measured_regions(self) -> list[tuple[int, int, str]]:
-        """(gpa, length, name) in launch order: VMM-built structures, then the firmware image."""
+        """(gpa, length, name) in launch order: VMM-built structures (flat images), then the firmware image."""
+        name = f"firmware {os.path.basename(self.path)}"
+        if self.kind == RESET_VECTOR:
+            return [(self.image_gpa, self.image_size, name)]
         return [(L.BOOTINFO_GPA, self.low_area_size - L.BOOTINFO_GPA, "boot info, GDT, page tables"),
-                (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, f"firmware {os.path.basename(self.path)}")]
+                (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, name)]
 
 
-def read_firmware(path: str | os.PathLike, memory_bytes: int) -> bytes:
+def firmware_kind(path: str | os.PathLike, requested: str = "auto") -> str:
+    """flat or reset-vector: as requested, or (auto) reset-vector when the image ends with the OVMF footer table."""
+    if requested not in FIRMWARE_TYPES:
+        raise VmmdError(f"unknown firmware type {requested!r}: choose one of {', '.join(FIRMWARE_TYPES)}")
+    if requested != "auto":
+        return requested
+    from vmmd.sev.ovmf import is_ovmf_image  # the OVMF footer-table format
+
+    try:
+        with open(os.fspath(path), "rb") as image:
+            image.seek(0, os.SEEK_END)
+            size = image.tell()
+            image.seek(max(0, size - 64))
+            tail = image.read()
+    except OSError:
+        return FLAT  # read_firmware() reports the problem with its own message
+    return RESET_VECTOR if is_ovmf_image(tail) else FLAT
+
+
+def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike) -> LoadedImage:
+    """Map the image read-only so that it ends at 4 GiB (as a flash chip does, QEMU's pc_system_flash_map());
+    the vCPU starts from the x86 reset state at 0xFFFFFFF0."""
+    p = os.fspath(path)
+    data = read_firmware(p, memory.ram_bytes, limit=16 << 20)
+    if len(data) % PAGE_SIZE:
+        raise VmmdError(f"reset-vector firmware {p} is {len(data)} bytes, not a multiple of 4 KiB: it must end "
+                        "exactly at 4 GiB")
+    gpa = FOUR_GIB_GPA - len(data)
+    if gpa < L.MMIO_TESTDEV_GPA + L.MMIO_TESTDEV_SIZE + L.VIRTIO_MMIO_SIZE:
+        raise VmmdError(f"reset-vector firmware {p} of {len(data)} bytes would cover vmmd's MMIO devices "
+                        "below 4 GiB: at most 16 MiB")
+    memory.add_slot(gpa, len(data), read_only=True)  # read-only for the guest (writes exit as MMIO), not for us
+    memory.write(gpa, data)
+    return LoadedImage(p, RESET_VECTOR_GPA, len(data), kind=RESET_VECTOR, image_gpa=gpa)
+
+
+RESET_VECTOR_GPA = 0xFFFF_FFF0
+
+
+def read_firmware(path: str | os.PathLike, memory_bytes: int, limit: int | None = None) -> bytes:
     p = os.fspath(path)
     try:
         with open(p, "rb") as image:
@@ -61,6 +110,10 @@ def read_firmware(path: str | os.PathLike, memory_bytes: int) -> bytes:
         raise VmmdError(f"firmware {p} is not readable by this user") from None
     if not data:
         raise VmmdError(f"firmware {p} is empty")
+    if limit is not None:
+        if len(data) > limit:
+            raise VmmdError(f"firmware {p} is {len(data)} bytes; reset-vector images may be at most {limit} bytes")
+        return data
     limit = min(memory_bytes, PCI_HOLE_START_GPA) - L.FIRMWARE_LOAD_GPA
     if len(data) > limit:
         raise VmmdError(f"firmware {p} is {len(data)} bytes but only {max(limit, 0)} bytes of RAM are free above "

@@ -17,13 +17,20 @@ from vmmd.devices.bus import MmioBus, PortBus
 from vmmd.devices.debug_exit import DebugExit
 from vmmd.devices.testdev import TestDev
 from vmmd.devices.uart import Uart16550
-from vmmd.errors import ExitCode, VmStop
+from vmmd.errors import ExitCode, VmmdError, VmStop
 from vmmd.hostcpu import host_cpuid
 from vmmd.kvm import Kvm
 from vmmd.machine import layout as L
 from vmmd.machine.config import MachineConfig
 from vmmd.machine.cpuid import CpuidTable, build_cpuid_table
-from vmmd.machine.loader import entry_regs, load_flat_firmware, long_mode_sregs
+from vmmd.machine.loader import (
+    RESET_VECTOR,
+    entry_regs,
+    firmware_kind,
+    load_flat_firmware,
+    load_reset_vector_firmware,
+    long_mode_sregs,
+)
 from vmmd.machine.platform import Platform
 from vmmd.machine.runloop import ExitContext, run_vcpu
 from vmmd.memory import GuestMemory
@@ -71,6 +78,7 @@ class Machine:
         self.mmio_bus.insert(TestDev(), L.MMIO_TESTDEV_GPA, L.MMIO_TESTDEV_SIZE)
         self.cpuid: CpuidTable | None = None
         self.network = None  # vmmd.net handle with close(), when config.net is set
+        self.launch_note: str | None = None  # why the platform reports no launch digest, where it cannot
         self.ctx = ExitContext(self.port_bus, self.mmio_bus)
         self._stop: VmStop | None = None
         self._stop_lock = threading.Lock()
@@ -82,9 +90,16 @@ class Machine:
         try:
             self.kvm = Kvm()
             self.memory = GuestMemory.with_ram(cfg.memory_bytes)
-            image, cr3 = load_flat_firmware(self.memory, cfg.firmware, self.platform.name, cfg.cpus,
-                                            self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg,
-                                            L.VIRTIO_NET_MMIO_GPA if cfg.net else 0)
+            self.firmware_kind = firmware_kind(cfg.firmware, cfg.firmware_type)
+            if self.firmware_kind == RESET_VECTOR:
+                if cfg.cpus > 1 and self.platform.name != "sev-es":
+                    raise VmmdError("reset-vector firmware runs with one vCPU here: its APs wait for INIT/SIPI, "
+                                    "which needs an in-kernel irqchip (only the sev-es platform creates one)")
+                image, cr3 = load_reset_vector_firmware(self.memory, cfg.firmware), 0
+            else:
+                image, cr3 = load_flat_firmware(self.memory, cfg.firmware, self.platform.name, cfg.cpus,
+                                                self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg,
+                                                L.VIRTIO_NET_MMIO_GPA if cfg.net else 0)
             self.image = image
             self.cr3 = cr3
             self.vm = self.platform.create_vm(self)
@@ -167,11 +182,19 @@ class Machine:
                          "unmapped_port_reads": self.port_bus.unmapped_reads})
 
     def create_vcpus_at_entry(self) -> None:
-        """Create every vCPU with this machine's CPUID and the documented 64-bit entry state."""
+        """Create every vCPU with this machine's CPUID and the image's entry state: the documented 64-bit
+        state for flat images; for reset-vector images KVM's reset state (CS 0xF000 base 0xFFFF0000,
+        RIP 0xFFF0) with RDX = CPUID 1 EAX, as QEMU's x86_cpu_reset() leaves it."""
         xsave = self.cpuid.has_xsave
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
             vcpu.set_cpuid2(self.cpuid.for_vcpu(index))
+            if self.image.kind == RESET_VECTOR:
+                regs = vcpu.get_regs()
+                regs.rdx = self.cpuid.lookup(1)[0]
+                vcpu.set_regs(regs)
+                self.vcpus.append(vcpu)
+                continue
             vcpu.set_sregs(long_mode_sregs(vcpu.get_sregs(), self.cr3, xsave))
             vcpu.set_regs(entry_regs(self.image, index))
             self.vcpus.append(vcpu)

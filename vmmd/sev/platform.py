@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from vmmd.errors import ExitCode, VmmdError, VmStop
 from vmmd.kvm import uapi as kvm_uapi
-from vmmd.machine.loader import LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
+from vmmd.machine.loader import RESET_VECTOR, LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
 from vmmd.machine.platform import Platform
 from vmmd.memory import GuestMemory
 from vmmd.sev import measure
@@ -77,15 +77,38 @@ def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: FlatLaunch
         memory.close()
 
 
+def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_sig: int,
+                      inputs: FlatLaunchInputs) -> measure.LaunchPlan:
+    """An OVMF-style image as QEMU launches it (measure.build_ovmf_plan): the image, then BSP + AP VMSAs.
+    VmmdError when the image lacks the SEV-ES reset block an SEV-ES launch needs."""
+    data = memory.view(image.image_gpa, image.image_size)
+    return measure.build_ovmf_plan(data, cpus, cpu_sig, init2=inputs.init2, vmsa_features=inputs.vmsa_features,
+                                   policy=inputs.policy)
+
+
 def emulated_launch(machine, inputs: FlatLaunchInputs):
-    """Run the launch sequence against the software model over a hardware-layout copy; returns LaunchResult."""
+    """Run the launch sequence against the software model over a hardware-layout copy of the guest's measured
+    memory; returns the LaunchResult, or None (with `machine.launch_note` saying why) when the image could
+    not be launched as SEV-ES at all."""
     from vmmd.sev.launch import SevEsLaunch, SevModel
 
     cfg = machine.config
-    copy = GuestMemory.with_ram(cfg.memory_bytes)
+    if machine.image.kind == RESET_VECTOR:
+        copy = GuestMemory()
+        copy.add_slot(machine.image.image_gpa, machine.image.image_size)
+        copy.write(machine.image.image_gpa, machine.memory.view(machine.image.image_gpa, machine.image.image_size))
+    else:
+        copy = GuestMemory.with_ram(cfg.memory_bytes)
     try:
-        image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
-        plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
+        if machine.image.kind == RESET_VECTOR:
+            try:
+                plan = reset_vector_plan(copy, machine.image, cfg.cpus, machine.cpuid.lookup(1)[0], inputs)
+            except (VmmdError, ValueError) as err:
+                machine.launch_note = f"not an SEV-ES launchable image: {err}"
+                return None
+        else:
+            image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
+            plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
         model = SevModel(copy, has_init2=inputs.init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
         result = SevEsLaunch(model, plan).run(lambda plan: None)
         if result.expected_digest != model.launch_digest:
@@ -145,7 +168,11 @@ class SevEsPlatform(Platform):
     def launch(self, machine) -> None:
         from vmmd.sev.launch import SevEsLaunch
 
-        plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs)
+        if machine.image.kind == RESET_VECTOR:
+            plan = reset_vector_plan(machine.memory, machine.image, machine.config.cpus, machine.cpuid.lookup(1)[0],
+                                     self.inputs)
+        else:
+            plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs)
 
         def set_vcpu_state(plan: measure.LaunchPlan) -> None:
             for launch in plan.vcpus:
