@@ -111,9 +111,9 @@ def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init
         raise VmmdError(f"cannot read firmware image {firmware}: {err.strerror}") from None
     if not is_ovmf_image(image):  # a vmmd flat firmware image (firmware/README.md): measured as vmctl run loads it
         from vmmd.machine.config import parse_size
-        from vmmd.sev.platform import FlatLaunchInputs, flat_image_digest
+        from vmmd.sev.platform import LaunchInputs, flat_image_digest
 
-        inputs = FlatLaunchInputs(policy=_int(policy, "--policy"), init2=init2,
+        inputs = LaunchInputs(policy=_int(policy, "--policy"), init2=init2,
                                   vmsa_features=_int(vmsa_features, "--vmsa-features"), c_bit=c_bit)
         try:
             _, plan = flat_image_digest(firmware, parse_size(memory), vcpus, inputs)

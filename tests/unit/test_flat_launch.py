@@ -15,14 +15,14 @@ from vmmd.machine.loader import load_flat_firmware
 from vmmd.machine.machine import Machine
 from vmmd.machine.platform import SevEsEmuPlatform
 from vmmd.memory import GuestMemory
-from vmmd.sev.platform import FlatLaunchInputs, flat_image_digest, flat_launch_plan
+from vmmd.sev.platform import LaunchInputs, flat_image_digest, flat_launch_plan
 from vmmd.sev.vmsa import build_vmsa
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "firmware" / "build" / "hello.bin"
 
 
-def hardware_path_digest(firmware: Path, memory_bytes: int, cpus: int, inputs: FlatLaunchInputs) -> bytes:
+def hardware_path_digest(firmware: Path, memory_bytes: int, cpus: int, inputs: LaunchInputs) -> bytes:
     """What SevEsPlatform.launch() would hash: regions as the hardware loader lays them out, then VMSAs.
 
     Hashed here by hand from the guest bytes, not through measure.launch_digest()."""
@@ -52,7 +52,7 @@ def emu_machine_digest() -> bytes:
 
 
 def test_emulator_digest_equals_hardware_path(emu_machine_digest: bytes) -> None:
-    assert emu_machine_digest == hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())
+    assert emu_machine_digest == hardware_path_digest(HELLO, 16 << 20, 2, LaunchInputs())
 
 
 def test_digest_depends_on_every_input(emu_machine_digest: bytes, tmp_path) -> None:
@@ -60,11 +60,11 @@ def test_digest_depends_on_every_input(emu_machine_digest: bytes, tmp_path) -> N
     data = bytearray(HELLO.read_bytes())
     data[-1] ^= 1
     changed.write_bytes(bytes(data))
-    base = FlatLaunchInputs()
+    base = LaunchInputs()
     assert hardware_path_digest(changed, 16 << 20, 2, base) != emu_machine_digest
     assert hardware_path_digest(HELLO, 16 << 20, 1, base) != emu_machine_digest
-    assert hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs(c_bit=47)) != emu_machine_digest
-    assert hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs(init2=False)) != emu_machine_digest
+    assert hardware_path_digest(HELLO, 16 << 20, 2, LaunchInputs(c_bit=47)) != emu_machine_digest
+    assert hardware_path_digest(HELLO, 16 << 20, 2, LaunchInputs(init2=False)) != emu_machine_digest
 
 
 def test_vmctl_run_reports_the_digest() -> None:
@@ -73,11 +73,11 @@ def test_vmctl_run_reports_the_digest() -> None:
     assert proc.returncode == 0, proc.stderr
     match = re.search(r"launch digest \(what sev-es hardware would measure, C-bit 51\): ([0-9a-f]{64})", proc.stderr)
     assert match
-    assert bytes.fromhex(match.group(1)) == hardware_path_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())
+    assert bytes.fromhex(match.group(1)) == hardware_path_digest(HELLO, 16 << 20, 2, LaunchInputs())
 
 
 def test_offline_digest_equals_emulator(emu_machine_digest: bytes) -> None:
-    digest, plan = flat_image_digest(HELLO, 16 << 20, 2, FlatLaunchInputs())
+    digest, plan = flat_image_digest(HELLO, 16 << 20, 2, LaunchInputs())
     assert digest == emu_machine_digest and len(plan.vcpus) == 2
 
 
@@ -87,4 +87,4 @@ def test_vmctl_measure_flat_image_matches_run() -> None:
     assert proc.returncode == 0, proc.stderr
     import json
     assert bytes.fromhex(json.loads(proc.stdout)["digest"]) == hardware_path_digest(HELLO, 16 << 20, 2,
-                                                                                     FlatLaunchInputs())
+                                                                                     LaunchInputs())

@@ -75,9 +75,9 @@ class SevEsEmuPlatform(Platform):
                    "nothing is attested")
 
     def __init__(self, inputs=None) -> None:
-        from vmmd.sev.platform import FlatLaunchInputs
+        from vmmd.sev.platform import LaunchInputs
 
-        self.inputs = inputs or FlatLaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
+        self.inputs = inputs or LaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
 
     def attach(self, machine, ctx: ExitContext) -> None:
         from vmmd.sev.vmgexit import VmgexitAction, VmgexitService  # the run loop never imports SEV code

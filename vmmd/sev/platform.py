@@ -30,8 +30,8 @@ DEFAULT_HW_C_BIT = 51  # EPYC 7xx2/7xx3/9xx4 report C-bit 51 in CPUID 0x8000001F
 
 
 @dataclass
-class FlatLaunchInputs:
-    """What determines the launch digest of a flat firmware guest."""
+class LaunchInputs:
+    """The launch choices that, with the image and vCPU count, determine the launch digest."""
 
     policy: int = measure.DEFAULT_SEVES_POLICY
     init2: bool = True
@@ -50,7 +50,7 @@ def entry_states(image: LoadedImage, cr3: int, cpus: int) -> list[VcpuState]:
 
 
 def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: int,
-                     inputs: FlatLaunchInputs) -> measure.LaunchPlan:
+                     inputs: LaunchInputs) -> measure.LaunchPlan:
     regions = tuple(measure.MeasuredRegion(gpa, memory.view(gpa, size), name)
                     for gpa, size, name in image.measured_regions())
     states = entry_states(image, cr3, cpus)
@@ -61,7 +61,7 @@ def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: in
                               cpu_sig=0)
 
 
-def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: FlatLaunchInputs,
+def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: LaunchInputs,
                       guest_arg: int = 0) -> tuple[bytes, measure.LaunchPlan]:
     """Offline: the launch digest of a flat firmware image for these inputs (no KVM needed)."""
     memory = GuestMemory.with_ram(memory_bytes)
@@ -78,7 +78,7 @@ def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: FlatLaunch
 
 
 def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_sig: int,
-                      inputs: FlatLaunchInputs) -> measure.LaunchPlan:
+                      inputs: LaunchInputs) -> measure.LaunchPlan:
     """An OVMF-style image as QEMU launches it (measure.build_ovmf_plan): the image, then BSP + AP VMSAs.
     VmmdError when the image lacks the SEV-ES reset block an SEV-ES launch needs."""
     data = memory.view(image.image_gpa, image.image_size)
@@ -86,7 +86,7 @@ def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_si
                                    policy=inputs.policy)
 
 
-def emulated_launch(machine, inputs: FlatLaunchInputs):
+def emulated_launch(machine, inputs: LaunchInputs):
     """Run the launch sequence against the software model over a hardware-layout copy of the guest's measured
     memory; returns the LaunchResult, or None (with `machine.launch_note` saying why) when the image could
     not be launched as SEV-ES at all."""
@@ -125,10 +125,10 @@ class SevEsPlatform(Platform):
     encrypts = True
     description = "sev-es: AMD SEV-ES hardware; the kernel services VMGEXIT, memory and registers are encrypted"
 
-    def __init__(self, inputs: FlatLaunchInputs | None = None) -> None:
+    def __init__(self, inputs: LaunchInputs | None = None) -> None:
         from vmmd.hostcpu import host_cpuid
 
-        self.inputs = inputs or FlatLaunchInputs()
+        self.inputs = inputs or LaunchInputs()
         self.c_bit = host_cpuid(0x8000_001F)[1] & 0x3F
         self.inputs.c_bit = self.c_bit
         self.backend = None
