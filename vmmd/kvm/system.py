@@ -56,6 +56,25 @@ def _ioctl(fd: int, request: int, arg, operation: str, hint: str = "") -> int:
         raise KvmError(operation, err, hint) from None
 
 
+def _get_device_attr(fd: int, group: int, attr: int) -> int | None:
+    """KVM_GET_DEVICE_ATTR with a u64 value; None when the kernel lacks the attribute."""
+    value = ctypes.c_uint64(0)
+    req = uapi.kvm_device_attr(flags=0, group=group, attr=attr, addr=ctypes.addressof(value))
+    try:
+        fcntl.ioctl(fd, io.KVM_GET_DEVICE_ATTR, req)
+    except OSError:
+        return None
+    return value.value
+
+
+def _enable_cap(fd: int, cap: int, args: tuple[int, ...], operation: str) -> None:
+    """KVM_ENABLE_CAP on a VM or vCPU fd (struct kvm_enable_cap, up to 4 args)."""
+    req = uapi.kvm_enable_cap(cap=cap)
+    for i, value in enumerate(args):
+        req.args[i] = value
+    _ioctl(fd, io.KVM_ENABLE_CAP, req, operation)
+
+
 class Kvm:
     """/dev/kvm: the system fd."""
 
@@ -103,13 +122,7 @@ class Kvm:
 
     def get_device_attr(self, group: int, attr: int) -> int | None:
         """KVM_GET_DEVICE_ATTR on /dev/kvm (e.g. KVM_X86_GRP_SEV); None when the kernel lacks the attribute."""
-        value = ctypes.c_uint64(0)
-        req = uapi.kvm_device_attr(flags=0, group=group, attr=attr, addr=ctypes.addressof(value))
-        try:
-            fcntl.ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, req)
-        except OSError:
-            return None
-        return value.value
+        return _get_device_attr(self.fd, group, attr)
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         try:
@@ -166,10 +179,7 @@ class Vm:
         _ioctl(self.fd, io.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=0), "KVM_CREATE_PIT2")
 
     def enable_cap(self, cap: int, *args: int) -> None:
-        req = uapi.kvm_enable_cap(cap=cap)
-        for i, value in enumerate(args):
-            req.args[i] = value
-        _ioctl(self.fd, io.KVM_ENABLE_CAP, req, f"KVM_ENABLE_CAP({cap})")
+        _enable_cap(self.fd, cap, args, f"KVM_ENABLE_CAP({cap})")
 
     def set_msr_filter(self, ranges: list[tuple[int, int, int, bytes]], default_deny: bool = False) -> None:
         """KVM_X86_SET_MSR_FILTER. Each range: (flags, base, nmsrs, bitmap) where a 0 bit denies (-> user exit)."""
@@ -184,13 +194,7 @@ class Vm:
         self._msr_filter_bitmaps = keep
 
     def get_device_attr(self, group: int, attr: int) -> int | None:
-        value = ctypes.c_uint64(0)
-        req = uapi.kvm_device_attr(flags=0, group=group, attr=attr, addr=ctypes.addressof(value))
-        try:
-            fcntl.ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, req)
-        except OSError:
-            return None
-        return value.value
+        return _get_device_attr(self.fd, group, attr)
 
     def memory_encrypt_op(self, data: ctypes.Structure) -> None:
         """KVM_MEMORY_ENCRYPT_OP with a struct kvm_sev_cmd (its `error` field receives the firmware status)."""
@@ -326,10 +330,7 @@ class Vcpu:
         return 1
 
     def enable_cap(self, cap: int, *args: int) -> None:
-        req = uapi.kvm_enable_cap(cap=cap)
-        for i, value in enumerate(args):
-            req.args[i] = value
-        _ioctl(self.fd, io.KVM_ENABLE_CAP, req, f"KVM_ENABLE_CAP({cap}) on vCPU {self.index}")
+        _enable_cap(self.fd, cap, args, f"KVM_ENABLE_CAP({cap}) on vCPU {self.index}")
 
     # --- running ------------------------------------------------------------
     def request_exit(self) -> None:

@@ -121,11 +121,16 @@ def read_firmware(path: str | os.PathLike, memory_bytes: int, limit: int | None 
     return data
 
 
+def mapped_gib(memory: GuestMemory) -> int:
+    """GiBs the identity map covers: all of 0..4 GiB (MMIO included) and every RAM byte above; one PD each."""
+    top = max(FOUR_GIB_GPA, max(gpa + size for gpa, size in memory.ranges()))
+    return (top + GIB - 1) // GIB
+
+
 def build_page_tables(memory: GuestMemory, c_bit: int = 0, shared: list[tuple[int, int]] = ()) -> int:
     """Identity-map 0..4 GiB (MMIO included) and RAM above it; returns CR3."""
     enc = (1 << c_bit) if c_bit else 0
-    top = max(FOUR_GIB_GPA, max(gpa + size for gpa, size in memory.ranges()))
-    gib_count = (top + GIB - 1) // GIB
+    gib_count = mapped_gib(memory)
     if gib_count > L.MAX_PD_PAGES:
         raise VmmdError(f"flat firmware guests map at most {L.MAX_PD_PAGES} GiB of address space; "
                         f"this guest needs {gib_count} GiB: use less memory")
@@ -184,8 +189,7 @@ def load_flat_firmware(memory: GuestMemory, path: str | os.PathLike, platform: s
     write_gdt(memory)
     shared = [(L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE), (L.SHARED_GPA, L.SHARED_SIZE)]
     cr3 = build_page_tables(memory, c_bit, shared)
-    gib_count = (max(FOUR_GIB_GPA, max(g + s for g, s in memory.ranges())) + GIB - 1) // GIB
-    image = LoadedImage(os.fspath(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + gib_count * PAGE_SIZE)
+    image = LoadedImage(os.fspath(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + mapped_gib(memory) * PAGE_SIZE)
     return image, cr3
 
 
