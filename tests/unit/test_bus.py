@@ -146,3 +146,24 @@ def test_lookup_matches_a_linear_scan(ranges, probes) -> None:
                 assert found == (owner[0][1], address - owner[0][0])
             else:
                 assert found is None
+
+
+@given(port=st.integers(0, 0xFFFF), value=st.integers(0, 0xFF))
+def test_resolved_byte_handlers_do_what_read_and_write_do(port: int, value: int) -> None:
+    direct, resolved = PortBus(), PortBus()
+    direct_dev, resolved_dev = Recorder(), Recorder()
+    direct.insert(direct_dev, 0x3F8, 8)
+    resolved.insert(resolved_dev, 0x3F8, 8)
+    direct.write(port, 1, value)
+    resolved.byte_writer(port)(value)
+    assert (resolved.byte_reader(port)() & 0xFF) == direct.read(port, 1)
+    assert resolved_dev.log == direct_dev.log
+    assert (resolved.unmapped_writes, resolved.unmapped_reads) == (direct.unmapped_writes, direct.unmapped_reads)
+
+
+def test_inserting_a_device_empties_resolved_tables() -> None:
+    bus = PortBus()
+    table = bus.handler_table()
+    table[1] = bus.byte_writer(0x60)  # unmapped when resolved
+    bus.insert(Recorder(), 0x60, 1)
+    assert table == {}

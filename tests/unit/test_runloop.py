@@ -7,6 +7,7 @@ import pytest
 from vmmd.devices.bus import MmioBus, PortBus
 from vmmd.errors import ExitCode, VmStop
 from vmmd.kvm import exits
+from vmmd.kvm.system import byte_port_key
 from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext, handle_exit, run_vcpu
 
 
@@ -126,8 +127,16 @@ class ScriptedVcpu(FakeRunArea):
         super().__init__()
         self.script = list(script)
 
+        self.byte_port_handlers: dict | None = None
+
     def run(self) -> exits.Exit:
         return self.script.pop(0)
+
+    def make_run(self, byte_port_handlers: dict):
+        """The scripted exits as they are; keeps the run loop's table to look at (serving the table is
+        Vcpu.run()'s part, run on real KVM in tests/e2e)."""
+        self.byte_port_handlers = byte_port_handlers
+        return self.run
 
     def get_regs(self):
         raise OSError("no registers in a scripted vCPU")
@@ -158,3 +167,41 @@ def test_run_vcpu_reports_crash_with_register_dump_fallback() -> None:
     ctx, _, _ = make_ctx()
     stop = run_vcpu(ScriptedVcpu([exits.SHUTDOWN]), ctx, lambda: False)
     assert stop.kind == "shutdown" and "registers not readable" in stop.reason
+
+
+def test_run_vcpu_resolves_a_one_byte_access_once_and_hands_it_to_the_vcpu() -> None:
+    ctx, dev, _ = make_ctx()
+    vcpu = ScriptedVcpu([exits.IoExit(True, 1, 0x3F9, 1, 0x100), exits.IoExit(False, 1, 0x3FD, 1, 0x100),
+                         exits.IoExit(True, 1, 0x80, 1, 0x100), exits.SHUTDOWN])
+    vcpu.run_bytes[0x100] = 0x41
+    stop = run_vcpu(vcpu, ctx, lambda: False)
+    assert stop is not None and stop.kind == "shutdown"
+    assert dev.writes == [(1, 1, 0x41)] and vcpu.run_bytes[0x100] == 0x5A  # the IN stored the device's byte
+    assert ctx.port_bus.unmapped_writes == 1
+    table = vcpu.byte_port_handlers
+    assert set(table) == {byte_port_key(True, 0x3F9), byte_port_key(False, 0x3FD), byte_port_key(True, 0x80)}
+    table[byte_port_key(True, 0x3F9)](0x42)  # what Vcpu.run() will call for the next OUT to 0x3f9
+    assert dev.writes[-1] == (1, 1, 0x42)
+    assert table[byte_port_key(False, 0x3FD)]() == 0x5A
+    table[byte_port_key(True, 0x80)](0)
+    assert ctx.port_bus.unmapped_writes == 2
+
+
+def test_run_vcpu_never_puts_the_doorbell_or_wide_accesses_in_the_table() -> None:
+    ctx, dev, _ = make_ctx()
+    rings = []
+    ctx.doorbell_port, ctx.doorbell = 0x3FA, lambda vcpu: rings.append(vcpu) or CONTINUE
+    vcpu = ScriptedVcpu([exits.IoExit(True, 1, 0x3FA, 1, 0x100), exits.IoExit(True, 2, 0x3F8, 1, 0x100),
+                         exits.IoExit(True, 1, 0x3F8, 2, 0x100), exits.SHUTDOWN])
+    run_vcpu(vcpu, ctx, lambda: False)
+    assert len(rings) == 1 and vcpu.byte_port_handlers == {}
+    assert [w[1] for w in dev.writes] == [2, 1, 1]  # the word write, then the two bytes of the string write
+
+
+def test_the_resolved_table_is_bounded() -> None:
+    ctx, _, _ = make_ctx()
+    script = [exits.IoExit(True, 1, port, 1, 0x100) for port in range(0x1000, 0x1000 + 3 * 512)]
+    vcpu = ScriptedVcpu([*script, exits.SHUTDOWN])
+    run_vcpu(vcpu, ctx, lambda: False)
+    assert 0 < len(vcpu.byte_port_handlers) <= 512
+    assert ctx.port_bus.unmapped_writes == 3 * 512

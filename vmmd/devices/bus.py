@@ -15,6 +15,8 @@ a device behaves the same whichever way the guest reached it.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from vmmd.errors import VmmdError
@@ -99,11 +101,45 @@ class PortBus(Bus):
     def __init__(self) -> None:
         super().__init__("port I/O", 0x10000)
         self.by_port: dict[int, tuple[Device, int]] = {}
+        self._handler_tables: list[dict] = []  # handed out by handler_table(); emptied when the map changes
 
     def insert(self, device: Device, base: int, length: int) -> None:
         super().insert(device, base, length)
         for port in range(base, base + length):
             self.by_port[port] = (device, base)
+        for table in self._handler_tables:  # a resolved handler may now be the wrong device
+            table.clear()
+
+    # --- resolved one-byte handlers (the run loop's table for Vcpu.make_run) --------------------------
+    def handler_table(self) -> dict:
+        """An empty dict for a vCPU's resolved one-byte handlers; the bus empties it whenever a device is
+        inserted, so nothing in it outlives the port map it was resolved from."""
+        table: dict = {}
+        self._handler_tables.append(table)
+        return table
+
+    def byte_writer(self, port: int) -> Callable[[int], None]:
+        """What a one-byte OUT to `port` does, resolved once: handler(byte) == write(port, 1, byte)."""
+        entry = self.by_port.get(port)
+        if entry is None:
+            return self._drop_byte
+        device, base = entry
+        return partial(device.write, port - base, 1)
+
+    def byte_reader(self, port: int) -> Callable[[], int]:
+        """What a one-byte IN from `port` returns, resolved once: handler() & 0xFF == read(port, 1)."""
+        entry = self.by_port.get(port)
+        if entry is None:
+            return self._float_byte
+        device, base = entry
+        return partial(device.read, port - base, 1)
+
+    def _drop_byte(self, value: int) -> None:
+        self.unmapped_writes += 1
+
+    def _float_byte(self) -> int:
+        self.unmapped_reads += 1
+        return 0xFF
 
     def write(self, address: int, size: int, value: int) -> None:
         # The port-I/O exit hot path (vmmd.machine.runloop.run_vcpu): Bus.write with the lookup inlined.

@@ -235,6 +235,16 @@ _KVM_EXIT_IO = uapi.KVM_EXIT_IO
 _KVM_RUN = io.KVM_RUN
 _fcntl_ioctl = fcntl.ioctl  # with no third argument: the cheapest call (ARCHITECTURE.md, hot-path facts)
 _IO_EXIT_CACHE_MAX = 256
+# Where KVM puts port-I/O data in the vCPU mapping: arch/x86/kvm/x86.c, emulator_pio_in_out(), sets
+# kvm_run.io.data_offset = KVM_PIO_PAGE_OFFSET * PAGE_SIZE (arch/x86/include/uapi/asm/kvm.h).
+_PIO_DATA_OFFSET = uapi.KVM_PIO_PAGE_OFFSET * mmap.PAGESIZE
+
+
+def byte_port_key(is_write: bool, port: int) -> int:
+    """kvm_run.io's first 8 bytes (direction:8 size:8 port:16 count:32) for a one-byte, count-1 access of
+    `port`: the key of `Vcpu.make_run()`'s byte_port_handlers."""
+    direction = uapi.KVM_EXIT_IO_OUT if is_write else uapi.KVM_EXIT_IO_IN
+    return direction | 1 << 8 | (port & 0xFFFF) << 16 | 1 << 32
 
 
 class Vcpu:
@@ -254,7 +264,7 @@ class Vcpu:
         # are never mutated, so the hot path hands back the same object for the same access instead of
         # building one per exit (see docs/benchmarks.md: each Python object touched per exit costs here).
         self._io_exits: dict[int, exits.IoExit] = {}
-        self.run = self._make_run()  # one KVM_RUN, decoded into an exit value (see _make_run)
+        self.run = self.make_run()  # KVM_RUN until an exit, decoded into an exit value (see make_run)
 
     # --- registers ----------------------------------------------------------
     def _get(self, struct_type, request: int, operation: str):
@@ -337,25 +347,43 @@ class Vcpu:
         """Make the current or next KVM_RUN return EINTR (kvm_run.immediate_exit, KVM_CAP_IMMEDIATE_EXIT)."""
         self.run_bytes[1] = 1
 
-    def _make_run(self) -> Callable[[], exits.Exit]:
-        """Build `run()` as a closure over this vCPU's fd and kvm_run views: no attribute lookups per exit."""
-        fd, u32, u64, cache = self.fd, self._u32, self._u64, self._io_exits
+    def make_run(self, byte_port_handlers: dict[int, Callable] | None = None) -> Callable[[], exits.Exit]:
+        """Build a `run()` closure over this vCPU's fd and kvm_run views: no attribute lookups per exit.
+
+        `run()` does KVM_RUN until an exit it must report and returns that exit decoded. With
+        `byte_port_handlers` (keys from `byte_port_key()`), a one-byte port access whose key is in the dict
+        is served right here and KVM_RUN re-entered: an OUT calls `handler(byte)`, an IN calls `handler()`
+        and stores its low byte for the guest. The caller owns the dict and decides what goes in it (the run
+        loop puts the bus's resolved handlers there); this layer only matches kvm_run.io against the keys,
+        it never interprets a port. An exception from a handler propagates out of `run()`.
+        """
+        fd, u32, u64, data, cache = self.fd, self._u32, self._u64, self.run_bytes, self._io_exits
         decode_io, decode_other, run_failed = self._decode_io, self._decode_other, self._run_failed
+        handlers = byte_port_handlers if byte_port_handlers is not None else {}
 
         def run() -> exits.Exit:
-            """One KVM_RUN, decoded. Never raises for guest behaviour: failures come back as exit values."""
-            try:
-                _fcntl_ioctl(fd, _KVM_RUN)
-            except OSError as err:
-                return run_failed(err)
-            reason = u32[_EXIT_REASON_U32]
-            if reason == _KVM_EXIT_IO:
+            """KVM_RUN until an exit to report, decoded. Never raises for guest behaviour: failures come back
+            as exit values."""
+            while True:
+                try:
+                    _fcntl_ioctl(fd, _KVM_RUN)
+                except OSError as err:
+                    return run_failed(err)
+                reason = u32[_EXIT_REASON_U32]
+                if reason != _KVM_EXIT_IO:
+                    return decode_other(reason)
                 word = u64[4]  # kvm_run.io at byte 32: direction:8 size:8 port:16 count:32
+                handler = handlers.get(word)
+                if handler is not None and u64[5] == _PIO_DATA_OFFSET:
+                    if word & 0xFF:  # KVM_EXIT_IO_OUT
+                        handler(data[_PIO_DATA_OFFSET])
+                    else:
+                        data[_PIO_DATA_OFFSET] = handler() & 0xFF
+                    continue
                 ex = cache.get(word)
                 if ex is not None and ex.data_offset == u64[5]:
                     return ex
                 return decode_io(word)
-            return decode_other(reason)
 
         return run
 

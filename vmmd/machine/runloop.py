@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from vmmd.devices.bus import MmioBus, PortBus
 from vmmd.errors import ExitCode, VmStop
 from vmmd.kvm import exits, uapi
+from vmmd.kvm.system import byte_port_key
 
 CONTINUE = 0
+_RESOLVED_MAX = 512  # one-byte port handlers a vCPU keeps resolved (at most 2 x 65536 distinct accesses)
 VCPU_HALTED = 1  # this vCPU is done (HLT with nothing to wake it, AP hold); others may go on
 
 INTERNAL_ERROR_NAMES = {
@@ -132,18 +134,20 @@ def register_dump(vcpu) -> str:
 def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop | None:
     """Run one vCPU until it halts (None) or the VM must stop (the VmStop). Never raises.
 
-    Single-byte port I/O (the console, debug ports, the doorbell) is dispatched inline: the same bus
-    calls handle_io() makes, without its call and checks. Every other exit goes through handle_exit().
-    Each Python object touched per exit costs far more here than in a warm micro-benchmark (the exit
-    leaves the caches cold), so this loop stays short: docs/benchmarks.md.
+    One-byte port I/O (the console, debug ports) is dispatched once through the bus, which resolves the
+    access to its device handler; the handler then goes into this vCPU's table and `Vcpu.run()` serves
+    every later identical access itself, without coming back here (KVM_RUN, match, call, KVM_RUN). The
+    sev-es-emu doorbell never enters the table. Every other exit goes through handle_exit(). Each Python
+    object and call per exit costs far more here than in a warm micro-benchmark (the exit leaves the caches
+    cold), so this path stays short: docs/benchmarks.md.
     """
-    run = vcpu.run
     handle = handle_exit
     io_exit = exits.IoExit
     data = vcpu.run_bytes
     data_len = len(data)
-    port_write = ctx.port_bus.write
-    port_read = ctx.port_bus.read
+    bus = ctx.port_bus
+    resolved = bus.handler_table()
+    run = vcpu.make_run(resolved)
     doorbell = ctx.doorbell
     doorbell_port = ctx.doorbell_port if doorbell is not None else -1
     try:
@@ -157,10 +161,15 @@ def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop 
                     continue
                 offset = ex.data_offset
                 if ex.size == 1 and ex.count == 1 and offset < data_len:
+                    # first time this vCPU makes this access: resolve it, do it, remember it for Vcpu.run()
+                    if len(resolved) >= _RESOLVED_MAX:  # the guest picks the ports: keep the table bounded
+                        resolved.clear()
                     if ex.is_write:
-                        port_write(port, 1, data[offset])
+                        handler = resolved[byte_port_key(True, port)] = bus.byte_writer(port)
+                        handler(data[offset])
                     else:
-                        data[offset] = port_read(port, 1)
+                        handler = resolved[byte_port_key(False, port)] = bus.byte_reader(port)
+                        data[offset] = handler() & 0xFF
                     continue
                 if handle_io(ex, vcpu, ctx) == VCPU_HALTED:
                     return None
