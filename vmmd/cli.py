@@ -24,7 +24,7 @@ LAZY_COMMANDS = {
     "measure": ("vmmd.cli_measure", "measure_cmd"),
     "verify": ("vmmd.cli_measure", "verify_cmd"),
     **{name: ("vmmd.cli_daemon", f"{name}_cmd") for name in ("start", "stop", "list", "status", "show", "console",
-                                                              "log")},
+                                                              "log", "remove")},
 }
 
 

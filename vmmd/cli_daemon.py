@@ -208,6 +208,20 @@ def stop_cmd(name: str, force: bool, timeout: float | None, as_json: bool, socke
     _report_end(guest, as_json)
 
 
+@click.command("remove")
+@name_argument
+@json_option
+@socket_option
+def remove_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
+    """Forget the stopped ad-hoc guest NAME (started with `vmctl start -f`): its definition, last end and log."""
+    reply = _request(socket_path, "remove", name=name)
+    if as_json:
+        click.echo(json.dumps(reply, indent=1, sort_keys=True))
+        return
+    logs = reply["removed_logs"]
+    click.echo(f"removed guest {name}" + (f" and its log ({', '.join(logs)})" if logs else ""))
+
+
 @click.command("list")
 @json_option
 @socket_option

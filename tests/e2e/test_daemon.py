@@ -254,7 +254,8 @@ def test_unprivileged_client_only_touches_its_own_guests(daemon):
         with Client(socket_path) as c:
             out["ping_uid"] = c.request("ping")["uid"]
             out["list"] = [g["name"] for g in c.request("list")["guests"]]
-            for op, fields in (("show", {}), ("stop", {}), ("console", {}), ("log", {}), ("start", {})):
+            for op, fields in (("show", {}), ("stop", {}), ("console", {}), ("log", {}), ("start", {}),
+                               ("remove", {})):
                 try:
                     c.request(op, name="g1", **fields)
                     out[op] = "allowed"
@@ -291,7 +292,7 @@ def test_unprivileged_client_only_touches_its_own_guests(daemon):
     assert "exception" not in got, got
     assert got["ping_uid"] == NOBODY
     assert got["list"] == [] and got["list_after"] == ["nobodys"], got
-    for op in ("show", "stop", "console", "log", "start"):
+    for op in ("show", "stop", "console", "log", "start", "remove"):
         assert got[op][0] == "EPERM" and "belongs to uid 0" in got[op][1], (op, got[op])
     assert got["own_owner"] == NOBODY
     assert got["own_end"]["kind"] == "debug-exit", got["own_end"]
@@ -347,6 +348,39 @@ def test_bad_definition_is_named(daemon, tmp_path):
     assert f"{bad}: key 'platform'" in r.stderr.decode() and "sev-es-emu" in r.stderr.decode()
     missing = daemon.vmctl("start", "no-such-guest")
     assert missing.returncode == 1 and b"no guest named" in missing.stderr
+
+
+@pytest.mark.timeout(60)
+def test_remove_forgets_a_stopped_adhoc_guest_and_nothing_else(daemon, tmp_path):
+    definition = tmp_path / "adhoc-rm.toml"
+    definition.write_text(f'firmware = "{guest("hello")}"\nmemory = "4M"\nplatform = "plain"\ntimeout = 20\n')
+    assert daemon.vmctl("start", "-f", str(definition), "--wait").returncode == 0
+    log = daemon.root / "log" / "adhoc-rm.log"
+    assert log.exists()
+
+    defined = daemon.vmctl("remove", "g0")
+    assert defined.returncode == 1 and b"defined by" in defined.stderr and b"systemctl reload" in defined.stderr
+
+    spin = tmp_path / "adhoc-spin.toml"
+    spin.write_text(f'firmware = "{guest("spin")}"\nmemory = "4M"\nplatform = "plain"\ntimeout = 20\n')
+    assert daemon.vmctl("start", "-f", str(spin)).returncode == 0
+    daemon.wait_state("adhoc-spin", ("running",))
+    busy = daemon.vmctl("remove", "adhoc-spin")
+    assert busy.returncode == 1 and b"vmctl stop adhoc-spin" in busy.stderr
+    assert daemon.vmctl("stop", "adhoc-spin").returncode != 2
+
+    removed = daemon.vmctl("remove", "adhoc-rm")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.decode().startswith("removed guest adhoc-rm and its log")
+    assert not log.exists()
+    names = [g["name"] for g in daemon.request("list")["guests"]]
+    assert "adhoc-rm" not in names and "g0" in names and "adhoc-spin" in names
+    state = json.loads((daemon.root / "state" / "guests.json").read_text())
+    assert "adhoc-rm" not in [g["name"] for g in state["guests"]]
+    again = daemon.vmctl("remove", "adhoc-rm")
+    assert again.returncode == 1 and b"no guest named 'adhoc-rm'" in again.stderr
+    assert daemon.vmctl("remove", "adhoc-spin").returncode == 0
+    assert daemon.proc.poll() is None
 
 
 @pytest.mark.timeout(60)

@@ -40,6 +40,7 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "stop": {"name": (str, True), "force": (bool, False), "timeout": ((int, float), False)},
     "console": {"name": (str, True), "replay": (bool, False)},
     "log": {"name": (str, True), "tail": (int, False)},
+    "remove": {"name": (str, True)},
     "reload": {},
 }
 STREAM_OPS = ("console",)  # ops whose ok reply is followed by a raw console stream ("start" when attach=true)

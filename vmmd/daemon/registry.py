@@ -236,6 +236,22 @@ class Registry:
         if f is not None:
             f.close()
 
+    def remove(self, guest: Guest) -> list[Path]:
+        """Forget an ad-hoc guest that is not active: its definition, last end and log files (returned)."""
+        if not guest.adhoc or guest.state in ACTIVE:
+            raise ValueError(f"guest {guest.name!r} is {'active' if guest.adhoc else 'defined by a file'}")
+        self.close_log(guest)
+        del self.guests[guest.name]
+        removed = []
+        for path in (self.log_path(guest), self.log_path(guest).with_suffix(".log.1")):
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+        self.save()
+        return removed
+
     def read_log(self, guest: Guest, tail: int) -> bytes:
         path = self.log_path(guest)
         try:

@@ -210,6 +210,8 @@ class Daemon:
                 elif op == "console":
                     await self._reply(writer, P.ok(guest=guest.summary(), stream=True))
                     return guest, request.get("replay", True)
+                elif op == "remove":
+                    reply = self._remove(guest)
                 else:
                     reply = P.error("EOPNOTSUPP", f"op {op!r} is not implemented")
         except AccessDenied as err:
@@ -218,6 +220,19 @@ class Daemon:
             reply = P.error(err.errno, err.message)
         await self._reply(writer, reply)
         return None
+
+    def _remove(self, guest: Guest) -> dict:
+        if not guest.adhoc:
+            raise _RequestError("EOPNOTSUPP", f"guest {guest.name!r} is defined by {guest.definition.source}: root "
+                                         "removes it by deleting that file and reloading vmmd (systemctl reload "
+                                         "vmmd, or SIGHUP)")
+        if guest.state in ACTIVE:
+            raise _RequestError("EBUSY", f"guest {guest.name!r} is {guest.state}: `vmctl stop {guest.name}` first")
+        summary = guest.summary()
+        removed = self.registry.remove(guest)
+        _log(f"{guest.name}: removed (ad-hoc guest of uid {guest.owner}; deleted {len(removed)} log file(s))")
+        notify(self._status())
+        return P.ok(guest=summary, removed_logs=[str(p) for p in removed])
 
     def _find(self, name: str, peer: Peer, action: str) -> Guest:
         guest = self.registry.guests.get(name)
