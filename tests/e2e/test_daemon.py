@@ -22,6 +22,7 @@ import pytest
 
 from tests.e2e.conftest import REPO, guest
 from vmmd.daemon.protocol import MAX_REQUEST, Client, DaemonError
+from vmmd.daemon.server import MAX_CONNECTIONS_PER_UID
 
 NOBODY = 65534
 OTHER_UID = 65533
@@ -37,8 +38,10 @@ def _free_gid() -> int:
 class Daemon:
     """A vmmd process with its own socket, definitions, state and log directories."""
 
-    def __init__(self, root: Path, group: int | None = None, stop_timeout: float = 3.0) -> None:
+    def __init__(self, root: Path, group: int | None = None, stop_timeout: float = 3.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.extra_args = extra_args
         self.socket = str(root / "run" / "vmmd.sock")
         self.defs = root / "vms"
         self.defs.mkdir(exist_ok=True)
@@ -67,7 +70,7 @@ class Daemon:
             env["NOTIFY_SOCKET"] = path
         args = [sys.executable, "-m", "vmmd.daemon.server", "--socket", self.socket, "--definitions", str(self.defs),
                 "--state-dir", str(self.root / "state"), "--log-dir", str(self.root / "log"), "--pool", "4",
-                "--stop-timeout", str(self.stop_timeout)]
+                "--stop-timeout", str(self.stop_timeout), *self.extra_args]
         if self.group is not None:
             args += ["--group", str(self.group)]
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=open(self.root / "daemon.err", "ab"))
@@ -337,6 +340,74 @@ def test_malformed_and_oversized_requests_get_errors(daemon):
         s.sendall(b'{"op":"li')
         s.close()
     assert daemon.request("ping")["ok"] and daemon.proc.poll() is None
+
+
+def _read_error(sock: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)
+
+
+@pytest.mark.timeout(60)
+def test_one_uid_cannot_hold_every_connection(daemon):
+    socket_path = daemon.socket
+
+    def member() -> dict:
+        held = []
+        try:
+            for _ in range(MAX_CONNECTIONS_PER_UID):
+                c = Client(socket_path)
+                c.request("ping")  # answered: this connection is counted
+                held.append(c)
+            extra = socket.socket(socket.AF_UNIX)
+            extra.connect(socket_path)
+            refused = _read_error(extra)
+            after_eof = extra.recv(10)
+            extra.close()
+        finally:
+            for c in held:
+                c.close()
+        time.sleep(0.2)
+        with Client(socket_path) as c:
+            again = c.request("ping")["ok"]
+        return {"refused": refused, "eof": after_eof.decode(), "again": again}
+
+    got = _as_user(NOBODY, [daemon.gid], member)
+    assert "exception" not in got, got
+    assert got["refused"]["errno"] == "EAGAIN" and f"limit is {MAX_CONNECTIONS_PER_UID}" in got["refused"]["error"]
+    assert got["eof"] == "" and got["again"] is True
+    assert daemon.request("ping")["ok"]  # root was never limited by it
+
+
+@pytest.mark.timeout(60)
+def test_idle_and_trickling_connections_are_closed():
+    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-idle-"))
+    d = Daemon(root, extra_args=("--idle-timeout", "0.5", "--pool", "0"))
+    d.start()
+    try:
+        idle = socket.socket(socket.AF_UNIX)
+        idle.connect(d.socket)
+        trickle = socket.socket(socket.AF_UNIX)
+        trickle.connect(d.socket)
+        trickle.sendall(b'{"op":')
+        started = time.monotonic()
+        for s in (idle, trickle):
+            reply = _read_error(s)
+            assert reply["errno"] == "ETIMEDOUT" and "0.5 s" in reply["error"], reply
+            assert s.recv(10) == b""
+            s.close()
+        assert time.monotonic() - started < 5
+        with d.client() as c:  # a client that keeps asking is not idle
+            for _ in range(4):
+                assert c.request("ping")["ok"]
+                time.sleep(0.3)
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.timeout(30)

@@ -46,6 +46,8 @@ DEFAULT_LOG_DIR = "/var/log/vmmd"
 MAX_WATCHER_BACKLOG = 1 << 20  # a console client this far behind is detached, the guest never waits for it
 MAX_LOG_TAIL = 1 << 20
 STATUS_LOST_AFTER = 2.0  # seconds to wait for the zygote's exit status once a worker channel closed
+MAX_CONNECTIONS_PER_UID = 64  # open control connections (console streams included) per non-root uid
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a connection may wait before (or in the middle of) a request line
 
 
 def _log(message: str) -> None:
@@ -66,6 +68,7 @@ class Daemon:
         self.stopping = False
         self.done = asyncio.Event()
         self.clients: set[asyncio.StreamWriter] = set()
+        self.connections_by_uid: dict[int, int] = {}
 
     # --- start-up -----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -134,6 +137,7 @@ class Daemon:
     # --- clients ----------------------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.clients.add(writer)
+        counted: int | None = None  # the uid this connection is counted under
         try:
             peer = peer_of(writer.get_extra_info("socket"))
             try:
@@ -141,9 +145,21 @@ class Daemon:
             except AccessDenied as err:
                 await self._reply(writer, P.error("EPERM", str(err)))
                 return
+            open_now = self.connections_by_uid[peer.uid] = self.connections_by_uid.get(peer.uid, 0) + 1
+            counted = peer.uid
+            if open_now > MAX_CONNECTIONS_PER_UID and not peer.is_root:
+                await self._reply(writer, P.error("EAGAIN", f"uid {peer.uid} already has {open_now - 1} connections "
+                                                            f"to vmmd (the limit is {MAX_CONNECTIONS_PER_UID}, "
+                                                            "console sessions included); close some first"))
+                return
             while not self.stopping:
                 try:
-                    line = await reader.readuntil(b"\n")
+                    line = await asyncio.wait_for(reader.readuntil(b"\n"), self.args.idle_timeout)
+                except TimeoutError:
+                    await self._reply(writer, P.error("ETIMEDOUT", f"no complete request in "
+                                                                   f"{self.args.idle_timeout:g} s; closing this "
+                                                                   "connection"))
+                    return
                 except asyncio.IncompleteReadError as err:
                     if err.partial.strip():
                         await self._reply(writer, P.error("EINVAL", "request not terminated by a newline"))
@@ -173,6 +189,12 @@ class Daemon:
                 pass
         finally:
             self.clients.discard(writer)
+            if counted is not None:
+                left = self.connections_by_uid[counted] - 1
+                if left > 0:
+                    self.connections_by_uid[counted] = left
+                else:
+                    del self.connections_by_uid[counted]
             writer.close()
 
     async def _reply(self, writer: asyncio.StreamWriter, reply: dict) -> None:
@@ -580,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", type=int, default=4, help="idle warm worker processes kept ready (default 4)")
     parser.add_argument("--stop-timeout", type=float, default=10.0,
                         help="seconds a guest gets to stop before SIGKILL (vmctl stop, daemon shutdown)")
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                        help="seconds a control connection may sit without a complete request before it is "
+                             f"closed (default {DEFAULT_IDLE_TIMEOUT:g}; console streams are not affected)")
     return parser
 
 
@@ -587,6 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.pool < 0 or args.pool > 256:
         raise SystemExit("vmmd: --pool must be 0..256")
+    if not 0 < args.idle_timeout <= 86400:
+        raise SystemExit("vmmd: --idle-timeout must be more than 0 and at most 86400 seconds")
     daemon = Daemon(args)
     sys.exit(asyncio.run(daemon.run()))
 
