@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.as_user import run_as_user
 from tests.e2e.conftest import REPO, guest
 from vmmd.daemon.protocol import MAX_REQUEST, Client, DaemonError
 from vmmd.daemon.server import MAX_CONNECTIONS_PER_UID
@@ -213,30 +214,6 @@ def test_crashing_guests_cost_only_themselves(daemon):
     assert again.returncode == 1 and b"not running" in again.stderr
 
 
-def _as_user(uid: int, groups: list[int], fn) -> dict:
-    """Run fn() in a forked child with these credentials; returns what it returned (a JSON-able dict)."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(rfd)
-            os.setgroups(groups)
-            os.setgid(groups[0] if groups else uid)
-            os.setuid(uid)
-            result = fn()
-        except BaseException as err:  # noqa: BLE001 - carried to the parent
-            result = {"exception": f"{type(err).__name__}: {err}"}
-        os.write(wfd, json.dumps(result).encode())
-        os._exit(0)
-    os.close(wfd)
-    data = b""
-    while chunk := os.read(rfd, 65536):
-        data += chunk
-    os.close(rfd)
-    os.waitpid(pid, 0)
-    return json.loads(data)
-
-
 @pytest.mark.timeout(60)
 def test_unprivileged_client_only_touches_its_own_guests(daemon):
     daemon.request("start", name="g1")  # a root-owned guest
@@ -291,7 +268,7 @@ def test_unprivileged_client_only_touches_its_own_guests(daemon):
             out["list_after"] = [g["name"] for g in c.request("list")["guests"]]
         return out
 
-    got = _as_user(NOBODY, [daemon.gid], member)
+    got = run_as_user(NOBODY, [daemon.gid], member)
     assert "exception" not in got, got
     assert got["ping_uid"] == NOBODY
     assert got["list"] == [] and got["list_after"] == ["nobodys"], got
@@ -311,7 +288,7 @@ def test_unprivileged_client_only_touches_its_own_guests(daemon):
         except DaemonError as err:
             return {"errno": err.errno, "message": err.message}
 
-    refused = _as_user(OTHER_UID, [OTHER_UID], outsider)
+    refused = run_as_user(OTHER_UID, [OTHER_UID], outsider)
     assert refused.get("errno") == "EACCES" and "members of its configured group" in refused["message"], refused
     assert daemon.proc.poll() is None
 
@@ -376,7 +353,7 @@ def test_one_uid_cannot_hold_every_connection(daemon):
             again = c.request("ping")["ok"]
         return {"refused": refused, "eof": after_eof.decode(), "again": again}
 
-    got = _as_user(NOBODY, [daemon.gid], member)
+    got = run_as_user(NOBODY, [daemon.gid], member)
     assert "exception" not in got, got
     assert got["refused"]["errno"] == "EAGAIN" and f"limit is {MAX_CONNECTIONS_PER_UID}" in got["refused"]["error"]
     assert got["eof"] == "" and got["again"] is True

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.as_user import run_as_user
 from vmmd.errors import VmmdError
 from vmmd.kvm import Kvm
 
@@ -27,27 +28,14 @@ def test_no_permission_says_which_group() -> None:
     """Run as uid 65534 in a forked child: /dev/kvm (mode 0600 or 0660 root:kvm) is not accessible."""
     if os.stat("/dev/kvm").st_mode & 0o006:
         pytest.skip("/dev/kvm is world-accessible here")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_end)
+
+    def open_kvm() -> dict:
         try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
             Kvm()
-            message = "opened"
+            return {"message": "opened"}
         except VmmdError as err:
-            message = str(err)
-        except BaseException as err:  # noqa: BLE001 - report anything to the parent
-            message = f"unexpected {type(err).__name__}: {err}"
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    message = b""
-    while chunk := os.read(read_end, 4096):
-        message += chunk
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    text = message.decode()
+            return {"message": str(err)}
+
+    result = run_as_user(65534, [], open_kvm)
+    text = result.get("message") or str(result)
     assert "is not accessible to this user" in text and "usermod -aG kvm" in text, text
