@@ -113,6 +113,14 @@ def test_spinning_guest_is_stopped_by_timeout() -> None:
     assert "timeout of 1 s reached; VM stopped" in r.stderr
 
 
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_guest_in_a_port_write_loop_is_stopped_by_timeout(platform: str) -> None:
+    """Its outb exits are served inside Vcpu.run() without returning to the run loop: the stop must still land."""
+    r = vmctl("run", guest("exit-loop"), "-p", platform, "--guest-arg", str(10**12), "-t", "1")
+    assert r.returncode == ExitCode.TIMEOUT, r.stderr
+    assert "timeout of 1 s reached; VM stopped" in r.stderr
+
+
 def test_halting_guest_ends_as_halted() -> None:
     r = vmctl("run", guest("halt"), "-p", "plain", "-t", "30")
     assert r.returncode == ExitCode.GUEST_HALTED
