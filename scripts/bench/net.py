@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """virtio-net TX path rate next to the raw rate of writing the same frames to a tap from C, same run, same tap.
 
-vmmd side: a TX ring of QUEUE 64-byte frames (each behind its 12-byte virtio_net_hdr) already filled in a real
-GuestMemory, the device set up through its virtio-mmio registers, then per round ONE QueueNotify and the device
+vmmd side: a TX ring of QUEUE 64-byte frames (with --mixed: 60..1514 bytes, a different length from one frame to the
+next, as real traffic has) each behind its 12-byte virtio_net_hdr, already filled in a real GuestMemory, the
+device set up through its virtio-mmio registers, then per round ONE QueueNotify and the device
 thread draining the whole ring into the tap; timed from the notify to the used-ring interrupt. Raw side: a tiny C
 program (built here with gcc) write()s the same frame to the same tap fd the same number of times. Rounds are
 interleaved, best of --repeat. Needs root (CAP_NET_ADMIN); runs in a private network namespace.
@@ -29,32 +30,42 @@ C_SOURCE = r"""
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-/* tapwrite FD COUNT RING: write() COUNT 64-byte frames to FD, frame i taken from slot i % RING of a buffer laid
- * out as the guest's TX buffers are (128-byte slots, 12-byte virtio_net_hdr, then the frame) */
+/* tapwrite FD COUNT RING MIXED SLOT: write() COUNT frames to FD, frame i taken from slot i % RING of a buffer laid
+ * out as the guest's TX buffers are (SLOT-byte slots, 12-byte virtio_net_hdr, then the frame); frame lengths as
+ * frame_length() in net.py: 64 bytes, or with MIXED 60 + (i * 37) % 1455 */
+static long frame_length(long i, int mixed) { return mixed ? 60 + (i * 37) % 1455 : 64; }
 int main(int argc, char **argv)
 {
-	int fd = atoi(argv[1]);
-	long count = atol(argv[2]), ring = atol(argv[3]), i, errors = 0;
-	unsigned char *slots = calloc(ring, 128);
+	int fd = atoi(argv[1]), mixed = atoi(argv[4]);
+	long count = atol(argv[2]), ring = atol(argv[3]), slot = atol(argv[5]), i, errors = 0;
+	unsigned char *slots = calloc(ring, slot);
 	struct timespec a, b;
 
 	for (i = 0; i < ring; i++) {
-		memset(slots + 128 * i + 12, 0x5a, 64);
-		memcpy(slots + 128 * i + 12, "\x02\x00\x00\x00\x00\x99\x02\x00\x00\x00\x00\x01\x88\xb5", 14);
+		memset(slots + slot * i + 12, 0x5a, frame_length(i, mixed));
+		memcpy(slots + slot * i + 12, "\x02\x00\x00\x00\x00\x99\x02\x00\x00\x00\x00\x01\x88\xb5", 14);
 	}
 	clock_gettime(CLOCK_MONOTONIC, &a);
-	for (i = 0; i < count; i++)
-		if (write(fd, slots + 128 * (i % ring) + 12, 64) != 64)
+	for (i = 0; i < count; i++) {
+		long n = frame_length(i % ring, mixed);
+		if (write(fd, slots + slot * (i % ring) + 12, n) != n)
 			errors++;
+	}
 	clock_gettime(CLOCK_MONOTONIC, &b);
 	printf("%ld %ld\n", (long)((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec)), errors);
 	return 0;
 }
 """
 
-FRAME = b"\x02\x00\x00\x00\x00\x99" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + b"\x5a" * 50  # 64 bytes, dropped
+ETH_HEADER = b"\x02\x00\x00\x00\x00\x99" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5"  # dropped by the host
 HDR = 12
+SLOTS = {False: 128, True: 2048}  # bytes per TX buffer (by --mixed): header + the longest frame fit
 BASE = 0xFEB0_1000
+
+
+def frame_length(i, mixed: bool):
+    """Length of frame i (an int or a numpy array of them); the C writer computes the same."""
+    return 60 + (i * 37) % 1455 if mixed else 64 + 0 * i
 
 
 def main() -> int:
@@ -70,6 +81,8 @@ def main() -> int:
     parser.add_argument("--queue", type=int, default=32768, help="TX ring size = frames per notification")
     parser.add_argument("--rounds", type=int, default=4, help="notifications per measurement")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--mixed", action="store_true", help="frames of 60..1514 bytes, each length differing "
+                        "from the last (default: all 64 bytes)")
     args = parser.parse_args()
     reason = tap.net_admin_unavailable_reason()
     if reason:
@@ -87,7 +100,8 @@ def main() -> int:
     ns = f"vmmd-bench-{os.getpid()}-{secrets.token_hex(2)}"
     netns.create(ns)
     netns.pushns(ns)
-    memory = GuestMemory.with_ram(64 << 20)
+    slot = SLOTS[args.mixed]
+    memory = GuestMemory.with_ram(0x400000 + slot * q + (4 << 20))
     t = tap.open_tap("vmmd-bench")
     device = None
     try:
@@ -116,13 +130,14 @@ def main() -> int:
         import numpy as np
 
         table = np.zeros(q, dtype=[("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
-        table["addr"] = bufs + 128 * np.arange(q, dtype=np.uint64)
-        table["len"] = HDR + len(FRAME)
+        lengths = frame_length(np.arange(q, dtype=np.int64), args.mixed)
+        table["addr"] = bufs + slot * np.arange(q, dtype=np.uint64)
+        table["len"] = HDR + lengths
         memory.write(desc, table.view(np.uint8))
         memory.write(avail + 4, np.arange(q, dtype="<u2").view(np.uint8))
-        frame_bytes = np.frombuffer(bytes(HDR) + FRAME, np.uint8)
-        view = memory.view(bufs, 128 * q).reshape(q, 128)
-        view[:, :HDR + len(FRAME)] = frame_bytes
+        view = memory.view(bufs, slot * q).reshape(q, slot)
+        view[:, HDR:] = 0x5A
+        view[:, HDR:HDR + len(ETH_HEADER)] = np.frombuffer(ETH_HEADER, np.uint8)
         avail_idx = 0
 
         def vmmd_round_set() -> float:
@@ -144,8 +159,9 @@ def main() -> int:
             return elapsed
 
         def raw_c() -> float:
-            out = subprocess.run([str(workdir / "tapwrite"), str(t.fd), str(frames), str(q)], pass_fds=(t.fd,),
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = subprocess.run([str(workdir / "tapwrite"), str(t.fd), str(frames), str(q), str(int(args.mixed)),
+                                  str(slot)],
+                                 pass_fds=(t.fd,), capture_output=True, text=True, check=True).stdout.split()
             if int(out[1]):
                 raise RuntimeError(f"C writer: {out[1]} failed writes")
             return int(out[0]) / 1e9
@@ -165,11 +181,12 @@ def main() -> int:
     vmmd_fps = frames / best["vmmd"]
     c_fps = frames / best["c"]
     ratio = vmmd_fps / c_fps
-    print(f"frames per measurement: {frames} ({args.rounds} notifications x {q}-entry TX ring), 64-byte frames")
+    sizes = "60..1514-byte frames, mixed" if args.mixed else "64-byte frames"
+    print(f"frames per measurement: {frames} ({args.rounds} notifications x {q}-entry TX ring), {sizes}")
     print(f"vmmd virtio-net TX drain: {vmmd_fps / 1e6:8.3f} Mframes/s  ({best['vmmd'] / frames * 1e9:7.1f} ns/frame)")
     print(f"raw C write() to the tap: {c_fps / 1e6:8.3f} Mframes/s  ({best['c'] / frames * 1e9:7.1f} ns/frame)")
     print(f"ratio: {ratio:.3f} (goal >= 0.5)")
-    print(json.dumps({"bench": "net-tx", "frame_bytes": 64, "frames": frames, "queue": q,
+    print(json.dumps({"bench": "net-tx", "frame_bytes": "60..1514" if args.mixed else 64, "frames": frames, "queue": q,
                       "notifications": args.rounds, "repeat": args.repeat,
                       "vmmd_frames_per_s": round(vmmd_fps), "raw_c_frames_per_s": round(c_fps),
                       "vmmd_ns_per_frame": round(best["vmmd"] / frames * 1e9, 1),
