@@ -29,6 +29,7 @@ lint: deps
 bench: deps firmware bench-deps
 	@for b in scripts/bench/*.py; do case $$b in */common.py) continue;; esac; \
 	  echo "== $$b"; $(PY) $$b || exit 1; done
+	@echo "== scripts/bench/net.py --mixed"; $(PY) scripts/bench/net.py --mixed
 
 firmware:
 	$(MAKE) -C firmware
