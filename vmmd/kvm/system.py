@@ -3,6 +3,8 @@
 Each method is one ioctl (Documentation/virt/kvm/api.rst) with errors turned into
 KvmError messages that name the operation, the errno and what to do. `Vcpu.run()`
 only decodes kvm_run into an exit value (vmmd.kvm.exits); it interprets nothing.
+A run loop may give `Vcpu.make_run()` handlers for one-byte port accesses, keyed
+by the raw kvm_run.io header: those are called in place of returning the exit.
 """
 
 from __future__ import annotations

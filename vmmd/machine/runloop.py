@@ -5,6 +5,11 @@ unit tests feed it synthetic exits. It returns CONTINUE or VCPU_HALTED, or
 raises VmStop with a one-line reason. `run_vcpu()` never lets any other
 exception out: a bug in a device becomes a VM stop naming the exit, never a
 traceback that kills the process (or, under the daemon, the worker).
+
+The one shortcut: a one-byte port access the bus has resolved once is handed
+to `Vcpu.make_run()` as a handler keyed by its kvm_run.io header, so the next
+identical access is served inside `run()` (see `run_vcpu`). The bus decides
+what the handler is; the KVM layer only matches keys.
 """
 
 from __future__ import annotations
