@@ -73,6 +73,19 @@ def test_full_launch_order_digest_and_measurement() -> None:
     memory.close()
 
 
+def test_plan_over_live_guest_memory_still_predicts_the_plaintext_digest() -> None:
+    """LAUNCH_UPDATE_DATA encrypts in place (the model scrambles): the sequencer must hash what was planned."""
+    memory, plan, model = _setup()
+    live = measure.LaunchPlan(
+        regions=tuple(measure.MeasuredRegion(r.gpa, memory.view(r.gpa, r.size), r.name) for r in plan.regions),
+        vcpus=plan.vcpus, policy=plan.policy, init2=plan.init2, vmsa_features=plan.vmsa_features,
+        cpu_sig=plan.cpu_sig)
+    result = SevEsLaunch(model, live).run(lambda p: None)
+    assert memory.read(FW_GPA, 0x3000) != _image()  # the host no longer reads the plaintext
+    assert result.expected_digest == model.launch_digest == measure.launch_digest(plan)
+    memory.close()
+
+
 def test_legacy_es_init_path() -> None:
     memory, plan, model = _setup(init2=False)
     result = SevEsLaunch(model, plan).run(lambda p: None)

@@ -286,13 +286,17 @@ class KvmSevBackend:
 
 
 # --- the software model ---------------------------------------------------------------------
+MODEL_CIPHER_BYTE = 0xA5  # what SevModel XORs measured pages with, standing in for their encryption
+
+
 class SevModel:
     """The SEV firmware's launch state machine (plus the KVM checks around it), in software.
 
     Guest states follow SEV API 55766: UNINIT -LAUNCH_START-> LUPDATE -LAUNCH_MEASURE-> LSECRET
     -LAUNCH_FINISH-> RUNNING. A command in the wrong state fails like the firmware's: EIO with
     SEV_RET_INVALID_GUEST_STATE. LAUNCH_UPDATE_DATA checks 16-byte alignment (SEV_RET_INVALID_ADDRESS /
-    SEV_RET_INVALID_LEN) and hashes the guest bytes it is given, then LAUNCH_UPDATE_VMSA hashes each
+    SEV_RET_INVALID_LEN), hashes the guest bytes it is given and then scrambles them in place (the firmware
+encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA hashes each
     VMSA page, into the launch digest GCTX.LD. LAUNCH_MEASURE returns HMAC-SHA256(TIK, ...) ‖ MNONCE
     with this model's TIK (random unless given). Kernel-side refusals (no INIT yet -> ENOTTY, bad INIT2
     arguments -> EINVAL) carry no firmware status, as in arch/x86/kvm/svm/sev.c. Model choices where
@@ -397,6 +401,9 @@ class SevModel:
         except GuestMemoryError as err:
             raise SevError(command, errno.EFAULT, None, str(err)) from None
         self._digest.update(data)
+        # The firmware encrypts these pages in place; from the host they no longer read as what was measured.
+        # A stand-in transform keeps the model as unforgiving as the hardware to code that rereads them.
+        np.bitwise_xor(data, MODEL_CIPHER_BYTE, out=data)
         self.log.append(command)
 
     def launch_update_vmsa(self, vmsa_pages: list[bytes]) -> None:
@@ -523,7 +530,7 @@ class SevEsLaunch:
                  dh_cert: bytes | None = None, session: bytes | None = None,
                  secret: LaunchSecret | None = None) -> None:
         self.backend = backend
-        self.plan = plan
+        self.plan = plan.frozen()  # the bytes as planned; the launch encrypts guest memory in place
         self.ghcb_version = ghcb_version
         self.dh_cert = dh_cert
         self.session = session

@@ -111,6 +111,15 @@ class LaunchPlan:
         if self.vcpus and not self.policy & SevPolicy.ES:
             raise ValueError(f"policy {self.policy:#x} lacks the ES bit (0x4) but the plan has VMSAs")
 
+    def frozen(self) -> LaunchPlan:
+        """This plan with every region's bytes copied: LAUNCH_UPDATE_DATA encrypts guest memory in place
+        (arch/x86/kvm/svm/sev.c sev_launch_update_data()), so a plan over live guest-memory views would
+        describe ciphertext once the launch has run."""
+        if all(isinstance(r.data, bytes) for r in self.regions):
+            return self
+        regions = tuple(MeasuredRegion(r.gpa, bytes(r.view()), r.name) for r in self.regions)
+        return dataclasses.replace(self, regions=regions)
+
     def measured_chunks(self) -> Iterator[memoryview]:
         """Every measured byte range, in the order the firmware hashes them."""
         for region in self.regions:

@@ -51,7 +51,9 @@ def entry_states(image: LoadedImage, cr3: int, cpus: int) -> list[VcpuState]:
 
 def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: int,
                      inputs: LaunchInputs) -> measure.LaunchPlan:
-    regions = tuple(measure.MeasuredRegion(gpa, memory.view(gpa, size), name)
+    """The plan of a loaded flat image; the regions are copies of what the loader wrote (the launch encrypts
+    guest memory in place)."""
+    regions = tuple(measure.MeasuredRegion(gpa, bytes(memory.view(gpa, size)), name)
                     for gpa, size, name in image.measured_regions())
     states = entry_states(image, cr3, cpus)
     return measure.LaunchPlan(regions=regions,
@@ -68,10 +70,6 @@ def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: LaunchInpu
     try:
         image, cr3 = load_flat_firmware(memory, firmware, "sev-es", cpus, 0, inputs.c_bit, guest_arg)
         plan = flat_launch_plan(memory, image, cr3, cpus, inputs)
-        plan = measure.LaunchPlan(regions=tuple(measure.MeasuredRegion(r.gpa, bytes(r.view()), r.name)
-                                                for r in plan.regions),
-                                  vcpus=plan.vcpus, policy=plan.policy, init2=plan.init2,
-                                  vmsa_features=plan.vmsa_features, cpu_sig=plan.cpu_sig)
         return measure.launch_digest(plan), plan
     finally:
         memory.close()
