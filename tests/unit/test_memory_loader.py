@@ -131,3 +131,23 @@ def test_irq_line_needs_and_uses_the_in_kernel_irqchip() -> None:
     vm.irq_line(5, 0)
     vm.close()
     kvm.close()
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_reset_vector_image_ends_at_4_gib_read_only_unless_the_platform_cannot(tmp_path, read_only: bool) -> None:
+    from vmmd.machine.loader import load_reset_vector_firmware
+    from vmmd.machine.platform import SevEsEmuPlatform
+    from vmmd.sev.platform import SevEsPlatform
+
+    image = tmp_path / "flash.bin"
+    image.write_bytes(bytes(range(256)) * 32)  # 8 KiB
+    memory = GuestMemory.with_ram(16 << 20)
+    try:
+        loaded = load_reset_vector_firmware(memory, image, read_only=read_only)
+        slot = memory.slots[-1]
+        assert (slot.gpa, slot.size, slot.read_only) == (0x1_0000_0000 - 8192, 8192, read_only)
+        assert loaded.image_gpa == slot.gpa and memory.read(slot.gpa, 256) == bytes(range(256))
+    finally:
+        memory.close()
+    # KVM refuses KVM_MEM_READONLY for SEV-ES VMs (kvm_arch_has_readonly_mem): that platform maps it as RAM
+    assert SevEsPlatform.readonly_memory is False and SevEsEmuPlatform.readonly_memory is True

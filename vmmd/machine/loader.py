@@ -77,9 +77,11 @@ def firmware_kind(path: str | os.PathLike, requested: str = "auto") -> str:
     return RESET_VECTOR if is_ovmf_image(tail) else FLAT
 
 
-def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike) -> LoadedImage:
-    """Map the image read-only so that it ends at 4 GiB (as a flash chip does, QEMU's pc_system_flash_map());
-    the vCPU starts from the x86 reset state at 0xFFFFFFF0."""
+def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike, read_only: bool = True) -> LoadedImage:
+    """Map the image so that it ends at 4 GiB (as a flash chip does, QEMU's pc_system_flash_map()), read-only
+    for the guest unless the platform cannot have read-only slots (SEV-ES: the image is encrypted RAM there,
+    as QEMU maps -bios as RAM when kvm_readonly_mem_allowed is false); the vCPU starts from the x86 reset
+    state at 0xFFFFFFF0."""
     p = os.fspath(path)
     data = read_firmware(p, memory.ram_bytes, limit=16 << 20)
     if len(data) % PAGE_SIZE:
@@ -89,7 +91,7 @@ def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike) -> 
     if gpa < L.MMIO_TESTDEV_GPA + L.MMIO_TESTDEV_SIZE + L.VIRTIO_MMIO_SIZE:
         raise VmmdError(f"reset-vector firmware {p} of {len(data)} bytes would cover vmmd's MMIO devices "
                         "below 4 GiB: at most 16 MiB")
-    memory.add_slot(gpa, len(data), read_only=True)  # read-only for the guest (writes exit as MMIO), not for us
+    memory.add_slot(gpa, len(data), read_only=read_only)  # read-only for the guest (writes exit as MMIO), not us
     memory.write(gpa, data)
     return LoadedImage(p, RESET_VECTOR_GPA, len(data), kind=RESET_VECTOR, image_gpa=gpa)
 

@@ -95,7 +95,8 @@ class Machine:
                 if cfg.cpus > 1 and self.platform.name != "sev-es":
                     raise VmmdError("reset-vector firmware runs with one vCPU here: its APs wait for INIT/SIPI, "
                                     "which needs an in-kernel irqchip (only the sev-es platform creates one)")
-                image, cr3 = load_reset_vector_firmware(self.memory, cfg.firmware), 0
+                image, cr3 = load_reset_vector_firmware(self.memory, cfg.firmware,
+                                                        read_only=self.platform.readonly_memory), 0
             else:
                 image, cr3 = load_flat_firmware(self.memory, cfg.firmware, self.platform.name, cfg.cpus,
                                                 self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg,

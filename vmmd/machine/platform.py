@@ -29,6 +29,10 @@ class Platform:
     doorbell_port = 0
     c_bit = 0
     encrypts = False
+    # KVM_MEM_READONLY slots (a flash-like reset-vector image). KVM refuses them for VMs with protected
+    # state: virt/kvm/kvm_main.c check_memory_region_flags() asks kvm_arch_has_readonly_mem(), false for
+    # SEV-ES VMs (arch/x86/include/asm/kvm_host.h: !kvm->arch.has_protected_state).
+    readonly_memory = True
     description = "plain KVM guest: no GHCB, the guest uses real I/O instructions"
 
     def create_vm(self, machine):

@@ -121,6 +121,7 @@ class SevEsPlatform(Platform):
 
     name = "sev-es"
     encrypts = True
+    readonly_memory = False  # the firmware image becomes encrypted RAM, registered and measured like the rest
     description = "sev-es: AMD SEV-ES hardware; the kernel services VMGEXIT, memory and registers are encrypted"
 
     def __init__(self, inputs: LaunchInputs | None = None) -> None:
