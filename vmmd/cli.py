@@ -100,7 +100,7 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
                 click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)
             if launch is not None:
                 what = "measured" if chosen.encrypts else (
-                    f"what sev-es hardware would measure, C-bit {chosen.inputs.c_bit}")
+                    f"what sev-es hardware would measure with KVM_SEV_INIT2, C-bit {chosen.inputs.c_bit}")
                 click.echo(f"vmctl: launch digest ({what}): {launch.expected_digest.hex()}", err=True)
     except VmmdError as err:
         if out is not None:

@@ -102,9 +102,12 @@ def test_legacy_init_leaves_fpu_area_zero_and_rest_equal() -> None:
     assert init2[0x400:0x670] != bytes(0x270)
 
 
-def test_legacy_init_refuses_vmsa_features() -> None:
+def test_legacy_init_allows_only_debug_swap() -> None:
+    """ES_INIT sets DebugSwap on 6.5-6.9 when kvm_amd debug_swap=1, nothing else; INIT2 takes what KVM supports."""
     with pytest.raises(ValueError, match="INIT2"):
-        V.build_vmsa(V.x86_reset_state(0), vmsa_features=V.SVM_SEV_FEAT_DEBUG_SWAP, init2=False)
+        V.build_vmsa(V.x86_reset_state(0), vmsa_features=V.SVM_SEV_FEAT_DEBUG_SWAP << 1, init2=False)
+    legacy = bytes(V.build_vmsa(V.x86_reset_state(0), vmsa_features=V.SVM_SEV_FEAT_DEBUG_SWAP, init2=False))
+    assert _u64(legacy, DOCUMENTED_OFFSETS["sev_features"]) == 0x20
     page = bytes(V.build_vmsa(V.x86_reset_state(0), vmsa_features=V.SVM_SEV_FEAT_DEBUG_SWAP, init2=True))
     assert _u64(page, DOCUMENTED_OFFSETS["sev_features"]) == 0x20
 

@@ -34,9 +34,26 @@ class LaunchInputs:
     """The launch choices that, with the image and vCPU count, determine the launch digest."""
 
     policy: int = measure.DEFAULT_SEVES_POLICY
-    init2: bool = True
+    # KVM_SEV_INIT2 (True) or legacy KVM_SEV_ES_INIT (False); None: the host decides, INIT2 where the kernel
+    # has it (Linux 6.10+), else ES_INIT. A digest predicted without a host assumes INIT2 (`uses_init2`).
+    init2: bool | None = None
     vmsa_features: int = 0
     c_bit: int = DEFAULT_HW_C_BIT
+
+    @property
+    def uses_init2(self) -> bool:
+        return True if self.init2 is None else self.init2
+
+
+def adopt_capabilities(inputs: LaunchInputs, caps) -> None:
+    """Settle the launch inputs the host decides, from the backend's capabilities (vmmd.sev.launch.BackendCaps):
+    INIT2 or ES_INIT as the VM was created; with INIT2 the requested VMSA features KVM supports; with ES_INIT
+    the features it sets by itself (DebugSwap on Linux 6.5-6.9 with kvm_amd debug_swap=1, else none)."""
+    inputs.init2 = caps.has_init2
+    if caps.has_init2:
+        inputs.vmsa_features &= caps.vmsa_features
+    else:
+        inputs.vmsa_features = caps.vmsa_features
 
 
 def entry_states(image: LoadedImage, cr3: int, cpus: int) -> list[VcpuState]:
@@ -57,9 +74,9 @@ def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: in
                     for gpa, size, name in image.measured_regions())
     states = entry_states(image, cr3, cpus)
     return measure.LaunchPlan(regions=regions,
-                              vcpus=measure.build_vcpu_launches(states, init2=inputs.init2,
+                              vcpus=measure.build_vcpu_launches(states, init2=inputs.uses_init2,
                                                                 vmsa_features=inputs.vmsa_features),
-                              policy=inputs.policy, init2=inputs.init2, vmsa_features=inputs.vmsa_features,
+                              policy=inputs.policy, init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features,
                               cpu_sig=0)
 
 
@@ -80,7 +97,7 @@ def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_si
     """An OVMF-style image as QEMU launches it (measure.build_ovmf_plan): the image, then BSP + AP VMSAs.
     VmmdError when the image lacks the SEV-ES reset block an SEV-ES launch needs."""
     data = memory.view(image.image_gpa, image.image_size)
-    return measure.build_ovmf_plan(data, cpus, cpu_sig, init2=inputs.init2, vmsa_features=inputs.vmsa_features,
+    return measure.build_ovmf_plan(data, cpus, cpu_sig, init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features,
                                    policy=inputs.policy)
 
 
@@ -107,7 +124,7 @@ def emulated_launch(machine, inputs: LaunchInputs):
         else:
             image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
             plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
-        model = SevModel(copy, has_init2=inputs.init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
+        model = SevModel(copy, has_init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
         result = SevEsLaunch(model, plan).run(lambda plan: None)
         if result.expected_digest != model.launch_digest:
             raise VmmdError("the software model's launch digest differs from the plan's: vmmd bug")
@@ -136,10 +153,8 @@ class SevEsPlatform(Platform):
     def create_vm(self, machine):
         from vmmd.sev.launch import KvmSevBackend
 
-        self.backend = KvmSevBackend.create(machine.kvm, machine.memory, use_init2=self.inputs.init2 or None)
-        caps = self.backend.capabilities()
-        self.inputs.init2 = caps.has_init2
-        self.inputs.vmsa_features &= caps.vmsa_features
+        self.backend = KvmSevBackend.create(machine.kvm, machine.memory, use_init2=self.inputs.init2)
+        adopt_capabilities(self.inputs, self.backend.capabilities())
         vm = self.backend.vm
         vm.set_tss_addr()
         vm.create_irqchip()  # QEMU requires the in-kernel irqchip for SEV-ES guests

@@ -375,9 +375,10 @@ def build_vmsa(state: VcpuState, *, vmsa_features: int, init2: bool, host_cr4_mc
     if state.dr7 & ~DR7_FIXED_1 & 0xFFFF_FFFF_FFFF_FFFF:
         # sev_es_sync_vmsa(): "Check some debug related fields before encrypting the VMSA"
         raise ValueError(f"DR7 {state.dr7:#x} has breakpoints enabled: KVM refuses to encrypt such a VMSA")
-    if not init2 and vmsa_features:
-        raise ValueError("legacy KVM_SEV_ES_INIT always yields sev_features 0 (sev.c sev_guest_init()); "
-                         "VMSA features need KVM_SEV_INIT2")
+    if not init2 and vmsa_features & ~SVM_SEV_FEAT_DEBUG_SWAP:
+        raise ValueError("legacy KVM_SEV_ES_INIT yields sev_features 0, or DebugSwap on Linux 6.5-6.9 with kvm_amd "
+                         "debug_swap=1 (Documentation/virt/kvm/x86/amd-memory-encryption.rst); other VMSA features "
+                         "need KVM_SEV_INIT2")
     page = sev_es_vmsa_page()
     s = page.save
     for name in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr"):
