@@ -133,6 +133,20 @@ def test_irq_line_needs_and_uses_the_in_kernel_irqchip() -> None:
     kvm.close()
 
 
+def test_aps_wait_for_sipi_under_the_in_kernel_irqchip_until_made_runnable() -> None:
+    """What SevEsPlatform relies on to start every vCPU of a flat image at its entry (bootinfo.h contract)."""
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.create_irqchip()
+    bsp, ap = vm.create_vcpu(0), vm.create_vcpu(1)
+    assert bsp.get_mp_state() == uapi.KVM_MP_STATE_RUNNABLE
+    assert ap.get_mp_state() == uapi.KVM_MP_STATE_UNINITIALIZED
+    ap.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+    assert ap.get_mp_state() == uapi.KVM_MP_STATE_RUNNABLE
+    vm.close()
+    kvm.close()
+
+
 @pytest.mark.parametrize("read_only", [True, False])
 def test_reset_vector_image_ends_at_4_gib_read_only_unless_the_platform_cannot(tmp_path, read_only: bool) -> None:
     from vmmd.machine.loader import load_reset_vector_firmware

@@ -18,6 +18,7 @@ from vmmd.kvm.uapi import (
     kvm_enc_region,
     kvm_fpu,
     kvm_irq_level,
+    kvm_mp_state,
     kvm_msr_filter,
     kvm_msrs,
     kvm_pit_config,
@@ -58,6 +59,8 @@ KVM_GET_FPU = IOR(KVMIO, 0x8C, kvm_fpu)
 KVM_SET_FPU = IOW(KVMIO, 0x8D, kvm_fpu)
 KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)  # KVM_CAP_EXT_CPUID
 KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, kvm_cpuid2)  # KVM_CAP_EXT_CPUID
+KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)  # KVM_CAP_MP_STATE
+KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)  # KVM_CAP_MP_STATE
 KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)  # vCPU, and VM fd with KVM_CAP_ENABLE_CAP_VM
 KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)  # KVM_CAP_XSAVE
 KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)  # KVM_CAP_XSAVE

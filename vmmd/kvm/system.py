@@ -344,6 +344,12 @@ class Vcpu:
     def enable_cap(self, cap: int, *args: int) -> None:
         _enable_cap(self.fd, cap, args, f"KVM_ENABLE_CAP({cap}) on vCPU {self.index}")
 
+    def get_mp_state(self) -> int:
+        return self._get(uapi.kvm_mp_state, io.KVM_GET_MP_STATE, "KVM_GET_MP_STATE").mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state=mp_state), "KVM_SET_MP_STATE")
+
     # --- running ------------------------------------------------------------
     def request_exit(self) -> None:
         """Make the current or next KVM_RUN return EINTR (kvm_run.immediate_exit, KVM_CAP_IMMEDIATE_EXIT)."""

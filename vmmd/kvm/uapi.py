@@ -127,6 +127,13 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_mp_state(ctypes.Structure):
+    """KVM_GET/SET_MP_STATE: KVM_MP_STATE_RUNNABLE or, for APs under an in-kernel irqchip, UNINITIALIZED
+    (waiting for INIT/SIPI, arch/x86/kvm/x86.c kvm_arch_vcpu_create())."""
+
+    _fields_ = [("mp_state", u32)]
+
+
 class kvm_enable_cap(ctypes.Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 
@@ -227,6 +234,9 @@ KVM_INTERNAL_ERROR_SIMUL_EX = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
 KVM_SYSTEM_EVENT_CRASH = 3
@@ -242,6 +252,7 @@ KVM_CAP_USER_MEMORY = 3
 KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
+KVM_CAP_MP_STATE = 14
 KVM_CAP_PIT2 = 33
 KVM_CAP_INTERNAL_ERROR_DATA = 40
 KVM_CAP_XCRS = 56
@@ -256,7 +267,7 @@ LAYOUT_HEADERS = ["linux/kvm.h", "asm/kvm.h"]
 LAYOUT_STRUCTS = [
     kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_msr_entry, kvm_msrs, kvm_cpuid_entry2,
     kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_xsave, kvm_msr_filter_range, kvm_msr_filter, kvm_pit_config,
-    kvm_userspace_memory_region, kvm_irq_level, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
+    kvm_userspace_memory_region, kvm_irq_level, kvm_mp_state, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
 ]
 LAYOUT_CONSTANTS = [
     "KVM_API_VERSION", "KVMIO", "KVM_NR_INTERRUPTS", "KVM_MAX_XCRS", "KVM_MSR_FILTER_MAX_RANGES",
@@ -269,6 +280,7 @@ LAYOUT_CONSTANTS = [
     "KVM_EXIT_AP_RESET_HOLD", "KVM_EXIT_X86_BUS_LOCK", "KVM_EXIT_NOTIFY", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT",
     "KVM_PIO_PAGE_OFFSET", "KVM_INTERNAL_ERROR_EMULATION", "KVM_INTERNAL_ERROR_SIMUL_EX",
     "KVM_INTERNAL_ERROR_DELIVERY_EV", "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_CAP_MP_STATE",
     "KVM_SYSTEM_EVENT_SHUTDOWN", "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_CRASH", "KVM_SYSTEM_EVENT_SEV_TERM",
     "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER",
     "KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_EXT_CPUID", "KVM_CAP_NR_VCPUS",

@@ -188,9 +188,16 @@ class SevEsPlatform(Platform):
         else:
             plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs)
 
+        flat = machine.image.kind != RESET_VECTOR
+
         def set_vcpu_state(plan: measure.LaunchPlan) -> None:
             for launch in plan.vcpus:
                 vcpu = machine.vm.create_vcpu(launch.index)
+                if flat and launch.index:
+                    # Under the in-kernel irqchip KVM parks APs in KVM_MP_STATE_UNINITIALIZED until INIT/SIPI
+                    # (x86.c kvm_arch_vcpu_create()); a flat image's APs start at its entry like the BSP
+                    # (firmware/include/bootinfo.h). Reset-vector firmware (OVMF) starts its APs itself.
+                    vcpu.set_mp_state(kvm_uapi.KVM_MP_STATE_RUNNABLE)
                 vcpu.set_cpuid2(machine.cpuid.for_vcpu(launch.index))
                 vcpu.set_sregs(fill_kvm_sregs(launch.state, vcpu.get_sregs()))
                 vcpu.set_regs(fill_kvm_regs(launch.state, kvm_uapi.kvm_regs()))
