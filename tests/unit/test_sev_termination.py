@@ -40,6 +40,14 @@ def test_nae_termination_reads_the_shared_ghcb(memory: GuestMemory) -> None:
     assert "protocol range not supported" in str(term) and f"GPA {GHCB_GPA:#x}" in str(term)
 
 
+def test_nae_with_the_info_kvm_zeroed_is_unknown_not_reason_zero(memory: GuestMemory) -> None:
+    memory.write_u64(GHCB_GPA + 0x390, 0x8000_FFFE)
+    memory.write_u64(GHCB_GPA + 0x398, 0)  # what sev_handle_vmgexit() leaves in the GHCB
+    term = decode_sev_termination(GHCB_GPA, memory)
+    assert term.form == GHCB_NAE and term.reason_set is None and "reason unknown" in str(term)
+    assert "dmesg" in term.detail
+
+
 def test_nae_with_another_exit_code_is_reported_not_guessed(memory: GuestMemory) -> None:
     memory.write_u64(GHCB_GPA + 0x390, 0x7B)  # IOIO, not a termination request
     term = decode_sev_termination(GHCB_GPA, memory)
@@ -65,4 +73,7 @@ def test_codec_agrees_with_the_ghcb_helpers(memory: GuestMemory) -> None:
             memory.write_u64(GHCB_GPA + ghcb.SW_EXIT_CODE, ghcb.SVM_VMGEXIT_TERM_REQUEST)
             memory.write_u64(GHCB_GPA + ghcb.SW_EXIT_INFO_1, ghcb.nae_termination_info(reason_set, code))
             nae = decode_sev_termination(GHCB_GPA, memory)
-            assert (nae.reason_set, nae.reason_code) == (reason_set, code)
+            if reason_set or code:
+                assert (nae.reason_set, nae.reason_code) == (reason_set, code)
+            else:  # indistinguishable from what KVM leaves after clearing the field
+                assert nae.reason_set is None

@@ -6,8 +6,12 @@ data[0] = control->ghcb_gpa, which holds
 - for the MSR protocol (sev_handle_vmgexit_msr_protocol(), GHCB_MSR_TERM_REQ): the GHCB MSR
   value itself: GHCBInfo [11:0] = 0x100, reason set [15:12], reason code [23:16];
 - for the NAE event SVM_VMGEXIT_TERM_REQUEST (0x8000FFFE, sev_handle_vmgexit()): the GHCB's
-  GPA (page aligned, so [11:0] = 0). The reason is then in the shared GHCB page's
-  SW_EXITINFO1: reason set [3:0], reason code [11:4] (GHCB spec 56421, "Termination Request").
+  GPA (page aligned, so [11:0] = 0). The guest put the reason in the shared GHCB page's
+  SW_EXITINFO1: reason set [3:0], reason code [11:4] (GHCB spec 56421, "Termination Request"),
+  but sev_handle_vmgexit() zeroes SW_EXITINFO1/2 in the GHCB (ghcb_set_sw_exit_info_1(ghcb, 0),
+  svm_vmgexit_success() in later kernels) before it dispatches the event; only its kernel log
+  line "SEV-ES guest requested termination" keeps them. A zero there is reported as unknown,
+  never as reason 0/0; a non-zero value (a kernel that left it) is decoded.
 
 `decode_sev_termination()` is a pure function of data[0] and guest memory; guest-controlled
 values are only ever read through GuestMemory (bounds-checked) and never raise.
@@ -96,6 +100,10 @@ def decode_sev_termination(data0: int, memory: GuestMemory | None) -> SevTermina
         return SevTermination(GHCB_NAE, data0, None, None,
                               f"GHCB sw_exit_code is {exit_code:#x}, "
                               f"not TERM_REQUEST {ghcb.SVM_VMGEXIT_TERM_REQUEST:#x}")
+    if exit_info_1 == 0:
+        return SevTermination(GHCB_NAE, data0, None, None,
+                              "KVM clears the GHCB's sw_exit_info before handling the event; the host kernel "
+                              "log has the reason (dmesg: 'SEV-ES guest requested termination')")
     reason_set, reason_code = ghcb.nae_termination_decode(exit_info_1)
     detail = f"sw_exit_info_1 {exit_info_1:#x} has bits above [11:0]" if exit_info_1 >> 12 else ""
     return SevTermination(GHCB_NAE, data0, reason_set, reason_code, detail)
