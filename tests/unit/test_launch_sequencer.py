@@ -291,3 +291,26 @@ def test_real_backend_on_a_host_without_sev_fails_cleanly() -> None:
         assert vm.fd == -1 and memory.slots == []
     finally:
         kvm.close()
+
+
+def test_memlock_refusals_say_what_to_raise_and_by_how_much() -> None:
+    """sev_pin_memory()'s ENOMEM at LAUNCH_UPDATE_DATA (no firmware status): the hint names
+    RLIMIT_MEMLOCK, guest RAM plus the largest region, and CAP_IPC_LOCK. The VM stands in for a kernel
+    over its memlock limit; the error mapping is what is tested."""
+    from vmmd.sev.launch import MEMLOCK_HINT, BackendCaps, KvmSevBackend
+
+    class OverMemlockVm:
+        vcpus: list = []
+
+        def memory_encrypt_op(self, cmd) -> None:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    memory, _, _ = _setup()
+    try:
+        backend = KvmSevBackend(OverMemlockVm(), memory, -1, BackendCaps(True, 0, None))
+        with pytest.raises(SevError) as info:
+            backend.launch_update_data(FW_GPA, 0x1000)
+        assert info.value.errno == errno.ENOMEM and MEMLOCK_HINT in str(info.value)
+        assert "guest RAM plus the largest measured region" in MEMLOCK_HINT and "CAP_IPC_LOCK" in MEMLOCK_HINT
+    finally:
+        memory.close()

@@ -209,7 +209,8 @@ def _sev_es_blockers(report: dict) -> list[str]:
         out.append("the SEV firmware does not report SEV-ES (PLATFORM_STATUS flags bit 8 clear)")
     if not mem["sufficient"]:
         out.append(f"RLIMIT_MEMLOCK is {mem['soft']} bytes but the guest needs {mem['guest_bytes']} bytes pinned "
-                   "(KVM_MEMORY_ENCRYPT_REG_REGION): raise it (ulimit -l, LimitMEMLOCK=) or run with CAP_IPC_LOCK")
+                   "(KVM_MEMORY_ENCRYPT_REG_REGION), plus the largest region LAUNCH_UPDATE_DATA pins again while it "
+                   "measures it (the firmware image): raise it (ulimit -l, LimitMEMLOCK=) or run with CAP_IPC_LOCK")
     return out
 
 

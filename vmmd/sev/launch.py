@@ -212,7 +212,7 @@ class KvmSevBackend:
                 code = getattr(err, "errno", 0) or 0
                 hint = f"slot at GPA {slot.gpa:#x}"
                 if code == errno.ENOMEM:  # sev_pin_memory(): over RLIMIT_MEMLOCK without CAP_IPC_LOCK
-                    hint += ": raise RLIMIT_MEMLOCK (ulimit -l, LimitMEMLOCK=) or grant CAP_IPC_LOCK"
+                    hint += f": {MEMLOCK_HINT}"
                 raise SevError("KVM_MEMORY_ENCRYPT_REG_REGION", code, None, hint) from None
             self._registered.append((slot.hva, slot.size))
 
@@ -230,7 +230,12 @@ class KvmSevBackend:
 
     def launch_update_data(self, gpa: int, length: int) -> None:
         hva = _hva(self.memory, gpa, length, "KVM_SEV_LAUNCH_UPDATE_DATA")
-        self._op(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uapi.kvm_sev_launch_update_data(uaddr=hva, len=length))
+        try:
+            self._op(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uapi.kvm_sev_launch_update_data(uaddr=hva, len=length))
+        except SevError as err:
+            if err.errno == errno.ENOMEM and err.fw_error is None:  # sev_pin_memory() on top of REG_REGION's pins
+                raise SevError(err.command, err.errno, None, MEMLOCK_HINT) from None
+            raise
 
     def launch_update_vmsa(self, vmsa_pages: list[bytes]) -> None:
         # KVM builds each VMSA from the vCPU's registers (sev_es_sync_vmsa()); the pages are the
@@ -286,6 +291,10 @@ class KvmSevBackend:
 
 
 # --- the software model ---------------------------------------------------------------------
+# sev_pin_memory() (arch/x86/kvm/svm/sev.c) counts pages per VM against RLIMIT_MEMLOCK unless CAP_IPC_LOCK:
+# REG_REGION pins all guest RAM for the VM's life and LAUNCH_UPDATE_DATA pins each region again while it runs.
+MEMLOCK_HINT = ("raise RLIMIT_MEMLOCK (ulimit -l, LimitMEMLOCK=) to guest RAM plus the largest measured region "
+                "(the firmware image), or grant CAP_IPC_LOCK")
 MODEL_CIPHER_BYTE = 0xA5  # what SevModel XORs measured pages with, standing in for their encryption
 
 
