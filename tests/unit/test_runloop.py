@@ -158,6 +158,13 @@ def test_device_bug_becomes_vm_stop_not_exception() -> None:
     assert stop.exit_code == ExitCode.VMM_ERROR
 
 
+def test_crash_report_of_a_protected_vcpu_does_not_ask_kvm_for_registers() -> None:
+    ctx, _, _ = make_ctx()
+    ctx.registers_protected = True
+    stop = run_vcpu(ScriptedVcpu([exits.SHUTDOWN]), ctx, lambda: False)  # its get_regs() would raise
+    assert stop.kind == "shutdown" and "registers are encrypted in its VMSA" in stop.reason
+
+
 def test_run_vcpu_returns_on_stop_request_after_interrupt() -> None:
     ctx, _, _ = make_ctx()
     assert run_vcpu(ScriptedVcpu([exits.INTERRUPTED]), ctx, lambda: True) is None

@@ -48,6 +48,9 @@ class ExitContext:
     # (vcpu, SystemEventExit) -> never returns (raises VmStop); platform decodes SEV termination
     system_event_handler: Callable[[object, exits.SystemEventExit], None] | None = None
     halt_stops_vm: bool = True  # single vCPU without an irqchip: nothing can wake a halted CPU
+    # SEV-ES: the registers live encrypted in the VMSA; KVM_GET_REGS refuses them (6.10+) or, on older
+    # kernels, answers with the stale pre-launch values, so crash reports leave them out
+    registers_protected: bool = False
     counters: dict = field(default_factory=dict)
 
 
@@ -124,8 +127,10 @@ def handle_exit(ex: exits.Exit, vcpu, ctx: ExitContext) -> int:
     raise VmStop("unknown-exit", f"unhandled exit {ex.name}", ExitCode.GUEST_CRASH)
 
 
-def register_dump(vcpu) -> str:
+def register_dump(vcpu, protected: bool = False) -> str:
     """One line of the vCPU's state, for crash reports; never raises."""
+    if protected:
+        return f"vCPU {vcpu.index}: registers are encrypted in its VMSA (SEV-ES); the host cannot show them"
     try:
         r = vcpu.get_regs()
         s = vcpu.get_sregs()
@@ -188,7 +193,7 @@ def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop 
                 return None
     except VmStop as stop:
         if stop.exit_code in (ExitCode.GUEST_CRASH,):
-            stop.reason = f"{stop.reason}\n  {register_dump(vcpu)}"
+            stop.reason = f"{stop.reason}\n  {register_dump(vcpu, ctx.registers_protected)}"
         return stop
     except Exception as err:  # noqa: BLE001 - a VMM bug must stop this VM, not the process
         import traceback  # only on this rare path: it costs start-up time otherwise

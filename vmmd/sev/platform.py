@@ -178,6 +178,7 @@ class SevEsPlatform(Platform):
 
         ctx.system_event_handler = system_event
         ctx.halt_stops_vm = False  # the in-kernel irqchip handles HLT
+        ctx.registers_protected = True
 
     def launch(self, machine) -> None:
         from vmmd.sev.launch import SevEsLaunch
