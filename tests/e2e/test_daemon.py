@@ -319,6 +319,64 @@ def test_malformed_and_oversized_requests_get_errors(daemon):
     assert daemon.request("ping")["ok"] and daemon.proc.poll() is None
 
 
+@pytest.mark.timeout(60)
+def test_firmware_is_checked_on_every_start_against_the_file_opened(daemon):
+    """A member's ad-hoc guest points at a symlink the member owns. Re-pointed at a world-readable file in a
+    directory the member cannot search, a later `start NAME` is refused: the daemon opens the firmware
+    itself and checks the opened file for the requester, at every start. A missing firmware is refused
+    at `start` with its path, and the guest keeps its state."""
+    work = daemon.root / "swap"
+    work.mkdir(exist_ok=True)
+    os.chmod(work, 0o777)
+    hidden = daemon.root / "hidden"
+    hidden.mkdir(exist_ok=True)
+    os.chmod(hidden, 0o700)
+    secret = hidden / "hello.bin"
+    shutil.copy(guest("hello"), secret)
+    os.chmod(secret, 0o644)
+    readable = work / "hello.bin"
+    shutil.copy(guest("hello"), readable)
+    os.chmod(readable, 0o644)
+    socket_path = str(daemon.socket)
+
+    def member() -> dict:
+        link = work / "fw.bin"
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(readable)
+        text = f'name = "swapper"\nfirmware = "{link}"\nmemory = "4M"\nplatform = "plain"\ntimeout = 20\n'
+        out: dict = {}
+        with Client(socket_path) as c:
+            out["first"] = c.request("start", definition={"path": str(work / "swapper.toml"), "text": text})["ok"]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with Client(socket_path) as c:
+                if c.request("show", name="swapper")["guest"]["state"] == "stopped":
+                    break
+            time.sleep(0.05)
+        link.unlink()
+        link.symlink_to(secret)
+        try:
+            with Client(socket_path) as c:
+                c.request("start", name="swapper")
+            out["second"] = "allowed"
+        except DaemonError as err:
+            out["second"] = [err.errno, err.message]
+        return out
+
+    got = run_as_user(NOBODY, [daemon.gid], member)
+    assert got.get("first") is True, got
+    assert got["second"][0] == "EPERM" and "not readable by uid 65534" in got["second"][1], got
+    assert daemon.request("show", name="swapper")["guest"]["end"]["kind"] == "debug-exit"
+
+    missing = daemon.define("lost", "hello")
+    missing.write_text(missing.read_text().replace(guest("hello"), str(daemon.root / "nowhere.bin")))
+    before = daemon.request("show", name="lost")["guest"]["state"]
+    r = daemon.vmctl("start", "lost")
+    assert r.returncode == 1 and b"nowhere.bin" in r.stderr and b"No such file" in r.stderr
+    assert daemon.request("show", name="lost")["guest"]["state"] == before
+
+
 def _read_error(sock: socket.socket) -> dict:
     data = b""
     while not data.endswith(b"\n"):

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from vmmd.daemon.auth import AccessDenied, Peer, Policy, may_read, peer_of
+from vmmd.daemon.auth import AccessDenied, Peer, Policy, open_for, peer_of
 
 
 def test_peer_of_reads_the_kernels_credentials():
@@ -36,7 +36,16 @@ def test_policy():
     assert Policy(1000).is_member(Peer(4, 1002, 1000, ()))  # primary group counts
 
 
-def test_may_read_follows_mode_bits():
+def _may_open(path, peer) -> bool:
+    try:
+        fd = open_for(str(path), peer)
+    except (AccessDenied, OSError):
+        return False
+    os.close(fd)
+    return True
+
+
+def test_open_for_follows_mode_bits():
     import shutil
     import tempfile
     from pathlib import Path
@@ -44,30 +53,62 @@ def test_may_read_follows_mode_bits():
     tmp_path = Path(tempfile.mkdtemp(prefix="vmmd-auth-"))  # /tmp is 1777: every parent is searchable
     os.chmod(tmp_path, 0o755)
     try:
-        _check_may_read(tmp_path)
+        _check_open_for(tmp_path)
     finally:
         shutil.rmtree(tmp_path)
     hidden = Path(tempfile.mkdtemp(prefix="vmmd-auth-"))  # 0700: nothing inside is readable by others
     try:
         (hidden / "f").write_bytes(b"x")
         os.chmod(hidden / "f", 0o644)
-        assert not may_read(str(hidden / "f"), Peer(1, 65534, 65534, ()))
+        assert not _may_open(hidden / "f", Peer(1, 65534, 65534, ()))
     finally:
         shutil.rmtree(hidden)
 
 
-def _check_may_read(tmp_path):
+def _check_open_for(tmp_path):
     public, private = tmp_path / "pub.bin", tmp_path / "priv.bin"
     public.write_bytes(b"x")
     private.write_bytes(b"x")
     os.chmod(public, 0o644)
     os.chmod(private, 0o600)
     nobody = Peer(1, 65534, 65534, ())
-    assert may_read(str(public), Peer(1, 0, 0, ()))
-    assert may_read(str(private), Peer(1, 0, 0, ()))
-    assert not may_read(str(private), nobody)
-    assert not may_read(str(tmp_path / "missing"), nobody)
+    assert _may_open(public, Peer(1, 0, 0, ()))
+    assert _may_open(private, Peer(1, 0, 0, ()))
+    assert not _may_open(private, nobody)
+    assert not _may_open(tmp_path / "missing", nobody)
     os.chmod(private, 0o640)
     os.chown(private, 0, 4242)
-    assert may_read(str(private), Peer(1, 65534, 65534, (4242,)))
-    assert may_read(str(public), nobody)
+    assert _may_open(private, Peer(1, 65534, 65534, (4242,)))
+    assert _may_open(public, nobody)
+
+
+def test_open_for_checks_the_file_it_opened_not_the_path(tmp_path):
+    """A symlink the caller owns, to a world-readable file in a directory the caller cannot search, is
+    refused; the check follows what the kernel resolved for the fd. FIFOs and devices are refused without
+    blocking. The daemon's own definitions (peer None) skip the permission check, not the file-type check."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    hidden = Path(tempfile.mkdtemp(prefix="vmmd-auth-"))  # 0700, root's
+    try:
+        target = hidden / "notes.bin"
+        target.write_bytes(b"secret")
+        os.chmod(target, 0o644)
+        link = tmp_path / "fw.bin"
+        link.symlink_to(target)
+        nobody = Peer(1, 65534, 65534, ())
+        with pytest.raises(AccessDenied, match="not readable by uid 65534"):
+            open_for(str(link), nobody)
+        fd = open_for(str(link), None)
+        assert os.read(fd, 16) == b"secret"
+        os.close(fd)
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        for peer in (nobody, None):
+            with pytest.raises(AccessDenied, match="not a regular file"):
+                open_for(str(fifo), peer)
+        with pytest.raises(AccessDenied, match="not a regular file"):
+            open_for("/dev/zero", None)
+    finally:
+        shutil.rmtree(hidden)

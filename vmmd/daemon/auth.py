@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -84,31 +85,52 @@ class Policy:
             raise AccessDenied(f"uid {peer.uid} may not {action}: only root may")
 
 
-def may_read(path: str, peer: Peer) -> bool:
-    """Could `peer` open `path` for reading (mode bits of the file and search bits of each parent)?
+def open_for(path: str, peer: Peer | None) -> int:
+    """Open `path` read-only on behalf of `peer` (None: for the daemon itself, e.g. a firmware named in its
+    own definitions directory); returns the fd. AccessDenied or OSError otherwise.
 
-    The daemon runs as root and loads firmware on a caller's behalf; without this a group member could
-    make it load /etc/shadow into a guest and print it. Root callers skip the check."""
-    if peer.is_root:
-        return True
+    The daemon runs as root and loads firmware for its callers; a group member must not make it load a
+    file the member could not read (/etc/shadow, printed by the guest). The check is on the file that was
+    opened, not on the path, which the caller could swap for a symlink between a check and a later open:
+    the opened inode's owner and mode bits, and search permission on each directory of the path the kernel
+    resolved for this fd (/proc/self/fd, proc(5)). Only regular files: a FIFO would block the daemon
+    (opened with O_NONBLOCK, so it cannot), a device is not firmware. Root callers skip the permission
+    check; the fd is O_CLOEXEC, for handing to a worker with SCM_RIGHTS."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AccessDenied(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        if peer is not None and not peer.is_root and not _may_read(st, os.readlink(f"/proc/self/fd/{fd}"), peer):
+            raise AccessDenied(f"{path} is not readable by uid {peer.uid}")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _may_read(st: os.stat_result, resolved: str, peer: Peer) -> bool:
+    """Mode bits of the opened file `st` and search bits of each parent of `resolved`, for `peer`."""
     groups = set(peer.groups) | {peer.gid}
 
-    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
-        if st.st_uid == peer.uid:
-            return bool(st.st_mode & bits[0])
-        if st.st_gid in groups:
-            return bool(st.st_mode & bits[1])
-        return bool(st.st_mode & bits[2])
+    def allowed(entry: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if entry.st_uid == peer.uid:
+            return bool(entry.st_mode & bits[0])
+        if entry.st_gid in groups:
+            return bool(entry.st_mode & bits[1])
+        return bool(entry.st_mode & bits[2])
 
-    real = os.path.realpath(path)
+    if not resolved.startswith("/") or resolved.endswith(" (deleted)"):
+        return False  # not a path in this mount namespace, or unlinked since: nothing to vouch for it
     try:
-        parent = os.path.dirname(real)
+        parent = os.path.dirname(resolved)
         while True:
             if not allowed(os.stat(parent), (0o100, 0o010, 0o001)):
                 return False
             if parent == "/":
                 break
             parent = os.path.dirname(parent)
-        return allowed(os.stat(real), (0o400, 0o040, 0o004))
     except OSError:
         return False
+    return allowed(st, (0o400, 0o040, 0o004))

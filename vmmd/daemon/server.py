@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno as _errno
 import grp
 import json
 import os
@@ -23,8 +24,8 @@ from pathlib import Path
 from vmmd.errors import ExitCode
 
 from . import protocol as P
-from .auth import AccessDenied, Peer, Policy, may_read, peer_of
-from .definitions import DefinitionError, parse_definition
+from .auth import AccessDenied, Peer, Policy, open_for, peer_of
+from .definitions import DefinitionError, GuestDefinition, parse_definition
 from .registry import ACTIVE, ConsoleRing, Guest, Registry
 from .sdnotify import notify
 from .worker import (
@@ -38,6 +39,7 @@ from .worker import (
     MSG_STOP,
     ZygoteClient,
     describe_wait_status,
+    send_fd,
 )
 
 DEFAULT_DEFINITIONS = "/etc/vmmd/vms"
@@ -273,10 +275,39 @@ class Daemon:
             raise _RequestError("ESHUTDOWN", "vmmd is shutting down")
         if "name" in request:
             guest = self._find(request["name"], peer, "start")
+            if guest.state in ACTIVE:
+                raise _RequestError("EBUSY", f"guest {guest.name!r} is already {guest.state} (pid {guest.pid})")
+            firmware_fd = self._open_firmware(guest.definition, guest.adhoc, peer)
         else:
-            guest = self._adhoc(request["definition"], peer)
-        if guest.state in ACTIVE:
-            raise _RequestError("EBUSY", f"guest {guest.name!r} is already {guest.state} (pid {guest.pid})")
+            parsed, existing = self._adhoc(request["definition"], peer)
+            firmware_fd = self._open_firmware(parsed, True, peer)  # refused: nothing was registered or replaced
+            if existing is not None:
+                existing.definition = parsed
+                guest = existing
+            else:
+                guest = self.registry.guests[parsed.name] = Guest(parsed, adhoc=True,
+                                                                  ring=ConsoleRing(parsed.ring_bytes))
+        try:
+            return await self._start_worker(guest, peer, firmware_fd)
+        finally:
+            os.close(firmware_fd)
+
+    def _open_firmware(self, definition: GuestDefinition, adhoc: bool, peer: Peer) -> int:
+        """The guest's firmware, opened here and handed to the worker as an fd. An ad-hoc guest's firmware is
+        opened for the requesting peer (auth.open_for): it must be a file that peer can read, checked on the
+        file opened, so nothing can be swapped in between; the definitions directory is root's choice."""
+        where = f"{definition.source}: key 'firmware'"
+        try:
+            return open_for(str(definition.firmware), peer if adhoc else None)
+        except AccessDenied as err:
+            raise AccessDenied(f"{where}: {err}; vmmd loads firmware only from files its caller could read") \
+                from None
+        except OSError as err:
+            code = _errno.errorcode.get(err.errno or 0, "EIO")
+            raise _RequestError(code if code in ("ENOENT", "EACCES", "EISDIR") else "EIO",
+                                f"{where}: cannot open {definition.firmware}: {err.strerror}") from None
+
+    async def _start_worker(self, guest: Guest, peer: Peer, firmware_fd: int) -> Guest:
         guest.state, guest.error, guest.end, guest.result, guest.build_error = "starting", None, None, None, None
         guest.stop_mode = guest.stop_reason = None
         guest.channel_closed, guest.exit_status, guest.pid = False, None, None
@@ -295,7 +326,7 @@ class Daemon:
         self.loop.add_reader(worker.sock.fileno(), self._on_worker_readable, guest)
         spec = {**guest.definition.summary(), "policy": guest.definition.policy}
         try:
-            worker.sock.send(MSG_GO + json.dumps(spec).encode())
+            send_fd(worker.sock, MSG_GO + json.dumps(spec).encode(), firmware_fd)
         except OSError as err:
             self._fail(guest, f"worker {worker.pid} did not take the guest: {err}")
             raise _RequestError("EIO", guest.error) from None
@@ -304,7 +335,9 @@ class Daemon:
         self._changed()
         return guest
 
-    def _adhoc(self, definition: dict, peer: Peer) -> Guest:
+    def _adhoc(self, definition: dict, peer: Peer) -> tuple[GuestDefinition, Guest | None]:
+        """Validate an ad-hoc definition for `peer`; returns it and the ad-hoc guest of that name it would
+        replace (None: a new guest). Changes nothing."""
         source = definition["path"]
         path = Path(source)
         try:
@@ -314,9 +347,6 @@ class Daemon:
         if not peer.is_root and parsed.owner != peer.uid:
             raise AccessDenied(f"{source}: key 'owner': uid {peer.uid} may not start a guest owned by uid "
                                f"{parsed.owner}; only root may")
-        if not may_read(str(parsed.firmware), peer):
-            raise AccessDenied(f"{source}: key 'firmware': {parsed.firmware} is not readable by uid {peer.uid}; "
-                               "vmmd loads firmware only from files its caller could read")
         existing = self.registry.guests.get(parsed.name)
         if existing is not None:
             if not existing.adhoc:
@@ -326,10 +356,7 @@ class Daemon:
             if existing.state in ACTIVE:
                 raise _RequestError("EBUSY", f"guest {parsed.name!r} is already {existing.state} "
                                              f"(pid {existing.pid})")
-            existing.definition = parsed
-            return existing
-        guest = self.registry.guests[parsed.name] = Guest(parsed, adhoc=True, ring=ConsoleRing(parsed.ring_bytes))
-        return guest
+        return parsed, existing
 
     def _fail(self, guest: Guest, error: str) -> None:
         guest.state, guest.error, guest.ended_at = "failed", error, time.time()

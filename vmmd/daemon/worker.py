@@ -121,30 +121,39 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
         _throwaway_run("sev-es-emu", run=True)
     while True:
         try:
-            message = sock.recv(MAX_MESSAGE)
+            message, firmware_fd = recv_fd(sock)
         except InterruptedError:
             continue
         if not message:
             return 0  # the daemon let an idle worker go
         if message[:1] == MSG_GO:
             break
+        if firmware_fd is not None:
+            os.close(firmware_fd)
     t_go = time.monotonic()
     spec = json.loads(message[1:])
     name = spec["name"]
+    # The daemon opened the firmware (for the requesting user: vmmd.daemon.auth.open_for) and sent the fd; the
+    # path is only its name in messages. /proc/self/fd/N reopens that very file.
+    firmware = f"/proc/self/fd/{firmware_fd}" if firmware_fd is not None else spec["firmware"]
+
+    def named(text: str) -> str:
+        return text.replace(firmware, spec["firmware"]) if firmware_fd is not None else text
+
     _prctl(PR_SET_NAME, f"vmmd:{name}"[:15].encode())
     console = Console(_ChannelOut(sock), line_buffered=True)
     try:
-        config = MachineConfig(firmware=spec["firmware"], memory_bytes=spec["memory_bytes"], cpus=spec["vcpus"],
+        config = MachineConfig(firmware=firmware, memory_bytes=spec["memory_bytes"], cpus=spec["vcpus"],
                                platform=spec["platform"], timeout=spec["timeout"], guest_arg=spec["guest_arg"],
                                name=name, net=spec["net"]).validate()
         platform, note = select_platform(config.platform)
         policy_note = _apply_policy(platform, spec.get("policy"))
         machine = Machine(config, platform, _first_byte_flusher(console)).build()
     except VmmdError as err:
-        _send_json(sock, MSG_ERROR, {"message": str(err), "exit_code": int(err.exit_code)})
+        _send_json(sock, MSG_ERROR, {"message": named(str(err)), "exit_code": int(err.exit_code)})
         return int(err.exit_code)
     except OSError as err:
-        _send_json(sock, MSG_ERROR, {"message": f"{err.filename or ''}: {err.strerror or err}",
+        _send_json(sock, MSG_ERROR, {"message": named(f"{err.filename or ''}: {err.strerror or err}"),
                                      "exit_code": int(ExitCode.HOST_ERROR)})
         return int(ExitCode.HOST_ERROR)
     except Exception as err:  # a vmmd bug must not look like a guest problem
