@@ -24,7 +24,12 @@ __attribute__((noinline)) void ghcb_vmgexit(void)
 /* What the GHCB MSR holds as far as this vCPU knows: the host only changes it when it
  * answers an MSR-protocol request, and we read that answer back. Skipping the
  * rewrite of an unchanged GHCB GPA saves a VM exit per NAE event on sev-es-emu,
- * where WRMSR of the GHCB MSR traps to the VMM. */
+ * where WRMSR of the GHCB MSR traps to the VMM. (Linux rewrites it before every
+ * VMGEXIT instead.) Invariants this rests on: every write of the GHCB MSR goes
+ * through ghcb_write_msr(), and nothing between ghcb_begin() and the return of
+ * ghcb_exit() can raise #VC (only the GHCB MSR, XGETBV and a CR4 read run there,
+ * none intercepted for SEV-ES) - there is one GHCB and no backup, so a nested
+ * #VC would overwrite the event in flight. */
 static uint64_t ghcb_msr_value;
 
 void ghcb_write_msr(uint64_t value)
@@ -206,19 +211,22 @@ int ghcb_mmio_read(uint64_t gpa, void *buf, unsigned len)
 {
 	uint32_t ret;
 
+	if (len == 0 || len > 8)  /* one access; ghcb_mmio_read16() shows the VMM's fragmenting */
+		return GHCB_RESULT_ERROR;
 	ghcb_begin();
 	ghcb_set(GHCB_OFF_SW_SCRATCH, ghcb_shared_gpa());
 	ret = ghcb_exit(SVM_VMGEXIT_MMIO_READ, gpa, len);
-	if (ret == GHCB_RESULT_OK && len <= 8)
+	if (ret == GHCB_RESULT_OK)
 		memcpy(buf, (const void *)(fw.ghcb + GHCB_OFF_SHARED_BUFFER), len);
 	return (int)ret;
 }
 
 int ghcb_mmio_write(uint64_t gpa, const void *buf, unsigned len)
 {
+	if (len == 0 || len > 8)
+		return GHCB_RESULT_ERROR;
 	ghcb_begin();
-	if (len <= 8)
-		memcpy((void *)(fw.ghcb + GHCB_OFF_SHARED_BUFFER), buf, len);
+	memcpy((void *)(fw.ghcb + GHCB_OFF_SHARED_BUFFER), buf, len);
 	ghcb_set(GHCB_OFF_SW_SCRATCH, ghcb_shared_gpa());
 	return (int)ghcb_exit(SVM_VMGEXIT_MMIO_WRITE, gpa, len);
 }

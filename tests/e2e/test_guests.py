@@ -54,7 +54,7 @@ SELFTEST_CHECKS = [
     "ioio in32 unmapped port reads 0xffffffff",
     "ioio rep outsb to scratch register",
     "ioio rep insb from scratch register",
-    "msr write then read tsc_aux",
+    "msr write then read pat",
     "msr read of unknown msr injects gp",
     "mmio write then read 1 byte",
     "mmio write then read 2 bytes",

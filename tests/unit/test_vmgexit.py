@@ -15,6 +15,7 @@ from vmmd.devices.bus import MmioBus, PortBus
 from vmmd.errors import ExitCode, VmmdError, VmStop
 from vmmd.memory import GuestMemory
 from vmmd.sev import ghcb as g
+from vmmd.sev import vmgexit as vmg
 from vmmd.sev.vmgexit import (
     GHCB_SCRATCH_AREA_LIMIT,
     KVM_ENOSYS,
@@ -93,6 +94,7 @@ CPUID_TABLE = {
     (0xD, 5): (64, 1088, 0, 0),  # opmask
     (0xD, 6): (512, 1152, 0, 0),  # ZMM_Hi256
     (0xD, 7): (1024, 1664, 0, 0),  # Hi16_ZMM
+    (0x80000001, 0): (0x00A00F11, 0, 0x75C237FF, 0x2FD3FBFF),  # EDX[27] RDTSCP
     (0x8000001F, 0): (0x1000F, 0x16F, 0x1FD, 0x64),
 }
 
@@ -562,19 +564,20 @@ def test_string_in_into_rom_scratch_stops(m: Machine) -> None:
 # --- MSR (real KVM vCPU) -----------------------------------------------------------------------------------------
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_KERNEL_GS_BASE = 0xC000_0102
+MSR_PLATFORM_INFO = 0xCE
+PAT_DEFAULT, PAT_OTHER = 0x0007_0406_0007_0406, 0x0006_0406_0007_0405  # every byte a valid memory type
 
 
 def test_msr_write_then_read(m: Machine, kvm_vcpu) -> None:
-    value = 0xFFFF_8000_1234_5678
-    page = m.ghcb(g.SVM_EXIT_MSR, 1, rcx=MSR_KERNEL_GS_BASE, rax=0xDEAD_0000_1234_5678, rdx=0xBEEF_FFFF_8000)
+    page = m.ghcb(g.SVM_EXIT_MSR, 1, rcx=vmg.MSR_IA32_CR_PAT, rax=0xDEAD_0000_0007_0405,
+                  rdx=0xBEEF_0006_0406)
     assert m.run(kvm_vcpu) is VmgexitAction.RESUME
     assert m.response() == (0, 0)
-    assert kvm_vcpu.get_msr(MSR_KERNEL_GS_BASE) == value  # EDX:EAX, upper halves ignored
-    kvm_vcpu.set_msr(MSR_IA32_SYSENTER_CS, 0x10)
-    page = m.ghcb(g.SVM_EXIT_MSR, 0, rcx=0xFFFF_FFFF_0000_0000 | MSR_KERNEL_GS_BASE, rax=-1, rdx=-1)
+    assert kvm_vcpu.get_msr(vmg.MSR_IA32_CR_PAT) == PAT_OTHER  # EDX:EAX, upper halves ignored
+    page = m.ghcb(g.SVM_EXIT_MSR, 0, rcx=0xFFFF_FFFF_0000_0000 | vmg.MSR_IA32_CR_PAT, rax=-1, rdx=-1)
     m.run(kvm_vcpu)
     assert m.response() == (0, 0)
-    assert (page.get(g.RAX), page.get(g.RDX)) == (0x1234_5678, 0xFFFF_8000)
+    assert (page.get(g.RAX), page.get(g.RDX)) == (PAT_OTHER & 0xFFFF_FFFF, PAT_OTHER >> 32)
     assert_outputs_valid(page)
 
 
@@ -582,6 +585,34 @@ def test_msr_write_then_read(m: Machine, kvm_vcpu) -> None:
 def test_msr_refused_injects_gp(m: Machine, kvm_vcpu, info1: int) -> None:
     m.ghcb(g.SVM_EXIT_MSR, info1, rcx=0xDEAD_BEEF, rax=0, rdx=0)
     assert m.run(kvm_vcpu) is VmgexitAction.RESUME
+    assert m.response() == (1, g.GP_EVENT)
+
+
+@pytest.mark.parametrize(("index", "value"), [
+    (MSR_PLATFORM_INFO, 0xFF00),  # read-only for a guest; KVM_SET_MSRS (host-initiated) would write it
+    (vmg.MSR_IA32_TSC, 0x1234),  # a host-initiated TSC write resynchronises the clock
+    (MSR_KERNEL_GS_BASE, 0x1000),
+    (MSR_IA32_SYSENTER_CS, 0x10),
+    (0xC001_0130, 0),  # the GHCB MSR itself
+])
+def test_msr_writes_outside_the_allowlist_inject_gp_and_change_nothing(m: Machine, kvm_vcpu, index: int,
+                                                                       value: int) -> None:
+    before = kvm_vcpu.get_msr(index)
+    m.ghcb(g.SVM_EXIT_MSR, 1, rcx=index, rax=value & 0xFFFF_FFFF, rdx=value >> 32)
+    m.run(kvm_vcpu)
+    assert m.response() == (1, g.GP_EVENT)
+    if index != vmg.MSR_IA32_TSC:  # the TSC moves on by itself
+        assert kvm_vcpu.get_msr(index) == before
+
+
+def test_tsc_aux_follows_the_guests_cpuid(m: Machine, kvm_vcpu) -> None:
+    m.ghcb(g.SVM_EXIT_MSR, 1, rcx=vmg.MSR_TSC_AUX, rax=0x1234, rdx=0)
+    m.run(kvm_vcpu)
+    assert m.response() == (0, 0) and kvm_vcpu.get_msr(vmg.MSR_TSC_AUX) == 0x1234
+    no_rdtscp = VmgexitService(m.memory, m.ports, m.mmio, lambda f, i: (0, 0, 0, 0), c_bit=51, vcpu_count=2)
+    m.service = no_rdtscp
+    m.ghcb(g.SVM_EXIT_MSR, 0, rcx=vmg.MSR_TSC_AUX)
+    m.run(kvm_vcpu)
     assert m.response() == (1, g.GP_EVENT)
 
 

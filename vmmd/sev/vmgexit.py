@@ -91,6 +91,19 @@ class MsrAccess(Protocol):
 
 CpuidLookup = Callable[[int, int], "tuple[int, int, int, int]"]
 
+# The MSR event is forwarded to KVM only for these MSRs. KVM_GET_MSRS / KVM_SET_MSRS are host-initiated
+# accesses (arch/x86/kvm/x86.c do_get_msr()/do_set_msr() set host_initiated), which skip what a guest's
+# RDMSR/WRMSR goes through in msr_interception(): CPUID gating, read-only and reserved-bit checks, TSC writes
+# resynchronising the clock, the VMM's own KVM_X86_SET_MSR_FILTER. Forwarding any index would let a guest
+# write MSRs it cannot write itself. Listed: MSRs whose KVM handling does not depend on host_initiated for
+# the access allowed (kvm_get_msr_common()/kvm_set_msr_common(), kvm_mtrr_get_msr(), svm_set_msr()).
+# Everything else is #GP, as KVM answers an MSR it does not emulate.
+MSR_IA32_TSC, MSR_IA32_APICBASE, MSR_MTRRCAP, MSR_IA32_CR_PAT, MSR_MTRRDEFTYPE = 0x10, 0x1B, 0xFE, 0x277, 0x2FF
+MSR_TSC_AUX = 0xC000_0103
+GUEST_MSR_READS = frozenset({MSR_IA32_TSC, MSR_IA32_APICBASE, MSR_MTRRCAP, MSR_IA32_CR_PAT, MSR_MTRRDEFTYPE,
+                             MSR_TSC_AUX})
+GUEST_MSR_WRITES = frozenset({MSR_IA32_CR_PAT, MSR_TSC_AUX})
+
 _Result = tuple[int, int, VmgexitAction]
 _OK: _Result = (g.GHCB_HV_RESP_NO_ACTION, 0, VmgexitAction.RESUME)
 _MISSING: _Result = (g.GHCB_HV_RESP_MALFORMED_INPUT, g.GHCB_ERR_MISSING_INPUT, VmgexitAction.RESUME)
@@ -424,8 +437,10 @@ class VmgexitService:
         if info1 and bitmap & (_V_RAX | _V_RDX) != _V_RAX | _V_RDX:
             return _MISSING
         index = regs[2] & M32
-        if vcpu is None:
+        if vcpu is None or index not in (GUEST_MSR_WRITES if info1 else GUEST_MSR_READS):
             return _GP
+        if index == MSR_TSC_AUX and not self._has_rdtscp_or_rdpid():
+            return _GP  # kvm_set_msr_common()/kvm_get_msr_common(): a guest without RDTSCP/RDPID gets #GP
         if info1:  # kvm_emulate_wrmsr(): EDX:EAX
             if not vcpu.set_msr(index, (regs[3] & M32) << 32 | regs[0] & M32):
                 return _GP  # svm_complete_emulated_msr(): #GP through the GHCB
@@ -436,6 +451,10 @@ class VmgexitService:
             regs[0] = value & M32
             regs[3] = (value >> 32) & M32
         return _OK
+
+    def _has_rdtscp_or_rdpid(self) -> bool:
+        """The guest's CPUID: RDTSCP (0x80000001 EDX[27]) or RDPID (7.0 ECX[22])."""
+        return bool(self.cpuid_lookup(0x8000_0001, 0)[3] & (1 << 27) or self.cpuid_lookup(7, 0)[2] & (1 << 22))
 
     def _vmmcall(self, i: int, vcpu: object, page: g.GhcbPage, gpa: int, bitmap: int, info1: int, info2: int,
                  regs: list[int]) -> _Result:
