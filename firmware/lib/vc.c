@@ -1,9 +1,11 @@
 /*
  * #VC (vector 29) handler for SEV-ES hardware, modelled on Linux
  * arch/x86/coco/sev/core.c vc_handle_exitcode() but much smaller: it handles
- * CPUID (0F A2) and byte-sized port I/O (E6 ib out, E4 ib in, EE out dx, EC in dx)
- * by issuing the matching GHCB event and stepping RIP over the instruction.
- * Anything else ends the guest with a GHCB MSR-protocol termination request.
+ * CPUID (0F A2), RDMSR / WRMSR (0F 32 / 0F 30) and port I/O without string or
+ * REP forms (E4-E7, EC-EF, 8/16/32-bit; include/vc_decode.h) by issuing the
+ * matching GHCB event and stepping RIP over the instruction. Anything else, and
+ * an exception the host asks to inject, ends the guest with a GHCB MSR-protocol
+ * termination request.
  *
  * Installed only when the probe found SEV-ES hardware; it cannot run on the
  * hosts this project is developed on (no SEV-ES there). The library itself never
@@ -12,6 +14,7 @@
  * code that uses plain `cpuid` / `outb` (demo, exit-loop).
  */
 #include "fw.h"
+#include "vc_decode.h"
 
 #define VC_VECTOR 29
 
@@ -55,36 +58,51 @@ void fw_vc_install(void)
 
 void fw_vc_handle(struct fw_vc_frame *f)
 {
-	const uint8_t *ip = (const uint8_t *)(uintptr_t)f->rip;
+	struct fw_vc_insn insn;
 	uint32_t r[4], v;
+	uint64_t value;
 
-	if (f->error_code == SVM_EXIT_CPUID && ip[0] == 0x0F && ip[1] == 0xA2) {
-		if (ghcb_cpuid((uint32_t)f->rax, (uint32_t)f->rcx, r) != GHCB_RESULT_OK)
+	if (!fw_vc_decode((const uint8_t *)(uintptr_t)f->rip, f->rdx, &insn))
+		goto fail;
+	switch (insn.kind) {
+	case FW_VC_CPUID:
+		if (f->error_code != SVM_EXIT_CPUID || ghcb_cpuid((uint32_t)f->rax, (uint32_t)f->rcx, r) != GHCB_RESULT_OK)
 			goto fail;
 		f->rax = r[0];
 		f->rbx = r[1];
 		f->rcx = r[2];
 		f->rdx = r[3];
-		f->rip += 2;
-		return;
-	}
-	if (f->error_code == SVM_EXIT_IOIO) {
-		switch (ip[0]) {
-		case 0xE6: /* out imm8, al */
-		case 0xEE: /* out dx, al */
-			if (ghcb_ioio_out(ip[0] == 0xE6 ? ip[1] : (uint16_t)f->rdx, 1, (uint8_t)f->rax))
-				goto fail;
-			f->rip += ip[0] == 0xE6 ? 2 : 1;
-			return;
-		case 0xE4: /* in al, imm8 */
-		case 0xEC: /* in al, dx */
-			if (ghcb_ioio_in(ip[0] == 0xE4 ? ip[1] : (uint16_t)f->rdx, 1, &v))
-				goto fail;
+		break;
+	case FW_VC_OUT:
+		if (f->error_code != SVM_EXIT_IOIO || ghcb_ioio_out(insn.port, insn.size, (uint32_t)f->rax))
+			goto fail;
+		break;
+	case FW_VC_IN:
+		if (f->error_code != SVM_EXIT_IOIO || ghcb_ioio_in(insn.port, insn.size, &v))
+			goto fail;
+		if (insn.size == 4)
+			f->rax = v; /* a 32-bit destination zero-extends into RAX */
+		else if (insn.size == 2)
+			f->rax = (f->rax & ~0xFFFFull) | (v & 0xFFFF);
+		else
 			f->rax = (f->rax & ~0xFFull) | (v & 0xFF);
-			f->rip += ip[0] == 0xE4 ? 2 : 1;
-			return;
-		}
+		break;
+	case FW_VC_RDMSR:
+		if (f->error_code != SVM_EXIT_MSR || ghcb_rdmsr((uint32_t)f->rcx, &value))
+			goto fail;
+		f->rax = (uint32_t)value;
+		f->rdx = value >> 32;
+		break;
+	case FW_VC_WRMSR:
+		if (f->error_code != SVM_EXIT_MSR ||
+		    ghcb_wrmsr((uint32_t)f->rcx, (f->rdx << 32) | (uint32_t)f->rax))
+			goto fail;
+		break;
+	default:
+		goto fail;
 	}
-fail:
+	f->rip += insn.length;
+	return;
+fail: /* not emulated here, or the host asked to inject an exception (#GP) this handler cannot deliver */
 	fw_terminate(GHCB_SEV_TERM_SET_GEN, GHCB_SEV_ES_GEN_REQ);
 }
