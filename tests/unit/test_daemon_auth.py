@@ -84,8 +84,8 @@ def _check_open_for(tmp_path):
 
 def test_open_for_checks_the_file_it_opened_not_the_path(tmp_path):
     """A symlink the caller owns, to a world-readable file in a directory the caller cannot search, is
-    refused; the check follows what the kernel resolved for the fd. FIFOs and devices are refused without
-    blocking. The daemon's own definitions (peer None) skip the permission check, not the file-type check."""
+    refused; the check follows what the kernel resolved for the fd. FIFOs, devices and directories are
+    refused. The daemon's own definitions (peer None) skip the permission check, not the file-type check."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -105,10 +105,35 @@ def test_open_for_checks_the_file_it_opened_not_the_path(tmp_path):
         os.close(fd)
         fifo = tmp_path / "fifo"
         os.mkfifo(fifo)
-        for peer in (nobody, None):
-            with pytest.raises(AccessDenied, match="not a regular file"):
-                open_for(str(fifo), peer)
-        with pytest.raises(AccessDenied, match="not a regular file"):
-            open_for("/dev/zero", None)
+        for path in (fifo, "/dev/zero", tmp_path):
+            for peer in (nobody, None):
+                with pytest.raises(OSError, match="not a regular file"):
+                    open_for(str(path), peer)
     finally:
         shutil.rmtree(hidden)
+
+
+def test_open_for_never_opens_what_it_refuses(tmp_path):
+    """The refusal comes before any open(2) of the file itself: a writer waiting on a FIFO only root may
+    reach stays blocked (an open for reading would release it), as a device's open() would not run."""
+    import threading
+
+    hidden = tmp_path / "root-only"
+    hidden.mkdir(mode=0o700)
+    fifo = hidden / "fifo"
+    os.mkfifo(fifo)
+    released = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # blocks until someone opens the FIFO for reading
+        released.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    with pytest.raises(OSError, match="not a regular file"):
+        open_for(str(fifo), Peer(1, 65534, 65534, ()))
+    assert not released.wait(0.3)
+    os.close(os.open(fifo, os.O_RDONLY))  # let the writer go
+    assert released.wait(5)
+    thread.join(5)

@@ -93,7 +93,8 @@ def _good_amd_report() -> dict:
         "kvm_amd": {"loaded": True, "sev": "Y", "sev_es": "Y", "kvm_modules": ["kvm", "kvm_amd"]},
         "sev_device": {"present": True, "accessible_rw": True, "mode": "crw-rw----",
                        "platform_status": {"es_supported": True}},
-        "memlock": {"soft": 1 << 40, "cap_ipc_lock": False, "guest_bytes": 1 << 30, "sufficient": True},
+        "memlock": {"soft": 1 << 40, "cap_ipc_lock": False, "guest_bytes": 1 << 30,
+                    "needed_bytes": (1 << 30) + (16 << 20), "sufficient": True},
     }
 
 
@@ -142,3 +143,24 @@ def test_status_struct_is_packed_12_bytes() -> None:
 
     assert ctypes.sizeof(uapi.sev_user_data_status) == 12
     assert uapi.sev_user_data_status.build.offset == 7 and uapi.sev_user_data_status.guest_count.offset == 8
+
+
+def test_memlock_counts_the_firmware_pinned_again_during_launch_update_data() -> None:
+    """sev_pin_memory() adds each measured region to RAM already pinned: a limit of exactly the guest's RAM
+    is not enough (checked as uid 65534, without CAP_IPC_LOCK, in a child that lowers its own soft limit)."""
+    from tests.as_user import run_as_user
+    from vmmd.sev.host import _memlock_facts
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another uid")
+    ram = 4 << 20
+    if resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] < ram:
+        pytest.skip("the hard RLIMIT_MEMLOCK here is below the 4 MiB this test sets")
+
+    def facts() -> dict:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (ram, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]))
+        return _memlock_facts(ram)
+
+    got = run_as_user(65534, [], facts)
+    assert got.get("cap_ipc_lock") is False, got
+    assert got["needed_bytes"] == ram + (16 << 20) and got["sufficient"] is False, got

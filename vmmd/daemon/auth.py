@@ -9,6 +9,7 @@ they own; everyone else is refused with a message saying so.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -87,27 +88,28 @@ class Policy:
 
 def open_for(path: str, peer: Peer | None) -> int:
     """Open `path` read-only on behalf of `peer` (None: for the daemon itself, e.g. a firmware named in its
-    own definitions directory); returns the fd. AccessDenied or OSError otherwise.
+    own definitions directory); returns the fd. AccessDenied; OSError (EINVAL: not a regular file).
 
     The daemon runs as root and loads firmware for its callers; a group member must not make it load a
     file the member could not read (/etc/shadow, printed by the guest). The check is on the file that was
     opened, not on the path, which the caller could swap for a symlink between a check and a later open:
-    the opened inode's owner and mode bits, and search permission on each directory of the path the kernel
-    resolved for this fd (/proc/self/fd, proc(5)). Only regular files: a FIFO would block the daemon
-    (opened with O_NONBLOCK, so it cannot), a device is not firmware. Root callers skip the permission
-    check; the fd is O_CLOEXEC, for handing to a worker with SCM_RIGHTS."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    the path is first opened with O_PATH, which pins the inode without opening it (no driver open() of a
+    device, no FIFO rendezvous, as root, for a caller who may not touch it; open(2)); then the pinned
+    inode must be a regular file, its owner and mode bits must let the peer read it, and the peer must be
+    able to search each directory of the path the kernel resolved for it (/proc/self/fd, proc(5)). Only
+    then is it opened for reading, through /proc/self/fd, i.e. that same inode. The fd is O_CLOEXEC, for
+    handing to a worker with SCM_RIGHTS. Root callers skip the permission check, not the file-type check."""
+    pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
+        st = os.fstat(pinned)
         if not stat.S_ISREG(st.st_mode):
-            raise AccessDenied(f"{path} is not a regular file")
-        os.set_blocking(fd, True)
-        if peer is not None and not peer.is_root and not _may_read(st, os.readlink(f"/proc/self/fd/{fd}"), peer):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if peer is not None and not peer.is_root and not _may_read(st, os.readlink(f"/proc/self/fd/{pinned}"),
+                                                                     peer):
             raise AccessDenied(f"{path} is not readable by uid {peer.uid}")
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+        return os.open(f"/proc/self/fd/{pinned}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    finally:
+        os.close(pinned)
 
 
 def _may_read(st: os.stat_result, resolved: str, peer: Peer) -> bool:

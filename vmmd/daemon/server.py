@@ -304,7 +304,7 @@ class Daemon:
                 from None
         except OSError as err:
             code = _errno.errorcode.get(err.errno or 0, "EIO")
-            raise _RequestError(code if code in ("ENOENT", "EACCES", "EISDIR") else "EIO",
+            raise _RequestError(code if code in ("ENOENT", "EACCES", "EINVAL") else "EIO",
                                 f"{where}: cannot open {definition.firmware}: {err.strerror}") from None
 
     async def _start_worker(self, guest: Guest, peer: Peer, firmware_fd: int) -> Guest:

@@ -134,11 +134,18 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     spec = json.loads(message[1:])
     name = spec["name"]
     # The daemon opened the firmware (for the requesting user: vmmd.daemon.auth.open_for) and sent the fd; the
-    # path is only its name in messages. /proc/self/fd/N reopens that very file.
-    firmware = f"/proc/self/fd/{firmware_fd}" if firmware_fd is not None else spec["firmware"]
+    # path is only its name in messages. /proc/self/fd/N reopens that very file. Never open the path here: this
+    # process is root and nobody checked the path for the requester.
+    if firmware_fd is None:
+        _send_json(sock, MSG_ERROR, {"message": "vmmd sent no firmware file descriptor with the guest (vmmd bug)",
+                                     "exit_code": int(ExitCode.VMM_ERROR)})
+        return int(ExitCode.VMM_ERROR)
+    firmware = f"/proc/self/fd/{firmware_fd}"
 
     def named(text: str) -> str:
-        return text.replace(firmware, spec["firmware"]) if firmware_fd is not None else text
+        """Messages name the firmware as the definition does, not by its descriptor."""
+        return (text.replace(firmware, spec["firmware"])
+                .replace(f"firmware {firmware_fd} ", f"firmware {os.path.basename(spec['firmware'])} "))
 
     _prctl(PR_SET_NAME, f"vmmd:{name}"[:15].encode())
     console = Console(_ChannelOut(sock), line_buffered=True)

@@ -142,6 +142,9 @@ def _sev_facts() -> dict:
     return facts
 
 
+LARGEST_MEASURED_REGION = 16 << 20  # vmmd.machine.loader: a reset-vector image is at most 16 MiB
+
+
 def _memlock_facts(memory_bytes: int | None) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     cap_ipc_lock = False
@@ -152,9 +155,12 @@ def _memlock_facts(memory_bytes: int | None) -> dict:
     except OSError:
         pass
     unlimited = soft == resource.RLIM_INFINITY
+    # sev_pin_memory(): REG_REGION pins guest RAM, and LAUNCH_UPDATE_DATA pins each measured region again while
+    # it runs; the largest region is the firmware image, at most the 16 MiB a reset-vector image may have.
+    needed = None if memory_bytes is None else memory_bytes + LARGEST_MEASURED_REGION
     facts = {"soft": None if unlimited else soft, "hard": None if hard == resource.RLIM_INFINITY else hard,
-             "cap_ipc_lock": cap_ipc_lock, "guest_bytes": memory_bytes}
-    facts["sufficient"] = (cap_ipc_lock or unlimited or memory_bytes is None or soft >= memory_bytes)
+             "cap_ipc_lock": cap_ipc_lock, "guest_bytes": memory_bytes, "needed_bytes": needed}
+    facts["sufficient"] = (cap_ipc_lock or unlimited or needed is None or soft >= needed)
     return facts
 
 
@@ -208,9 +214,10 @@ def _sev_es_blockers(report: dict) -> list[str]:
     elif not sev.get("platform_status", {}).get("es_supported"):
         out.append("the SEV firmware does not report SEV-ES (PLATFORM_STATUS flags bit 8 clear)")
     if not mem["sufficient"]:
-        out.append(f"RLIMIT_MEMLOCK is {mem['soft']} bytes but the guest needs {mem['guest_bytes']} bytes pinned "
-                   "(KVM_MEMORY_ENCRYPT_REG_REGION), plus the largest region LAUNCH_UPDATE_DATA pins again while it "
-                   "measures it (the firmware image): raise it (ulimit -l, LimitMEMLOCK=) or run with CAP_IPC_LOCK")
+        out.append(f"RLIMIT_MEMLOCK is {mem['soft']} bytes but the guest needs up to {mem['needed_bytes']} bytes "
+                   f"pinned ({mem['guest_bytes']} of RAM for KVM_MEMORY_ENCRYPT_REG_REGION, plus the firmware image "
+                   "LAUNCH_UPDATE_DATA pins again while it measures it, up to 16 MiB): raise it (ulimit -l, "
+                   "LimitMEMLOCK=) or run with CAP_IPC_LOCK")
     return out
 
 
@@ -300,7 +307,7 @@ def format_host_report(report: dict) -> str:
                 f"SEV-ES {_yn(status['es_supported'])}, {status['guest_count']} guests")
     mem = report["memlock"]
     soft = "unlimited" if mem["soft"] is None else f"{mem['soft']} bytes"
-    guest = "" if mem["guest_bytes"] is None else f", guest needs {mem['guest_bytes']} bytes"
+    guest = "" if mem["guest_bytes"] is None else f", guest needs up to {mem['needed_bytes']} bytes"
     add(f"RLIMIT_MEMLOCK    {soft}, CAP_IPC_LOCK {_yn(mem['cap_ipc_lock'])}{guest}"
         + ("" if mem["sufficient"] else " -> insufficient"))
     add("platforms:")
