@@ -174,7 +174,9 @@ class SevEsPlatform(Platform):
         def system_event(vcpu, ex) -> None:
             if ex.type == kvm_uapi.KVM_SYSTEM_EVENT_SEV_TERM and ex.data:
                 term = decode_sev_termination(ex.data[0], memory)
-                raise VmStop("sev-term", f"guest requested termination: {term}", ExitCode.GUEST_TERMINATED)
+                known = term.reason_set is not None and term.reason_code is not None
+                raise VmStop("sev-term", str(term), ExitCode.GUEST_TERMINATED,  # as sev-es-emu reports it
+                             status=term.reason_set << 8 | term.reason_code if known else None)
 
         ctx.system_event_handler = system_event
         ctx.halt_stops_vm = False  # the in-kernel irqchip handles HLT
