@@ -331,3 +331,70 @@ def test_vnet_hdr_receive_sets_num_buffers(memory):
     finally:
         device.close()
         host.close()
+
+
+@pytest.mark.timeout(60)
+def test_header_only_tx_frames_are_dropped_not_a_device_error(net, memory):
+    device, t, d, host, rx, tx = net
+    tx.set_desc(0, BUFS, HDR)  # nothing after the virtio_net_hdr
+    tx.set_desc(1, BUFS + 2048, 0)
+    tx.offer(0)
+    tx.offer(1)
+    d.notify(1)
+    assert wait_for(lambda: tx.used_idx() == 2)
+    assert not d.r("status") & NEEDS_RESET and device.stats["tx_dropped"] == 2
+
+
+def test_one_pass_walks_a_bounded_number_of_descriptors(memory):
+    """Every avail entry naming the same queue-long chain: a pass stops at DESCRIPTOR_BUDGET descriptors and
+    leaves the rest available, instead of queue size squared steps under the transport lock."""
+    import os
+    import time
+
+    from vmmd.devices.virtqueue import DESCRIPTOR_BUDGET, DmaWindows, Virtqueue
+
+    size = 1024
+    q = Virtqueue(1, size, 0x100000, 0x200000, 0x210000, DmaWindows(memory), HDR + 65536)
+    for i in range(size):
+        memory.write(0x100000 + 16 * i, struct.pack("<QIHH", 0x300000, 64, F_NEXT if i < size - 1 else 0, i + 1))
+    memory.write(0x200004, bytes(2 * size))  # every entry: head 0
+    memory.write(0x200002, struct.pack("<H", size))
+    fd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        start = time.perf_counter()
+        taken, _ = q.drain_to_fd(fd, HDR)
+        seconds = time.perf_counter() - start
+    finally:
+        os.close(fd)
+    assert taken == DESCRIPTOR_BUDGET // size and q.available() == size - taken
+    assert q.visited == DESCRIPTOR_BUDGET
+    assert seconds < 0.5  # ~4096 descriptor steps; 1024 x 1024 took over a second
+
+
+@pytest.mark.timeout(60)
+def test_a_disabled_queue_is_not_used_and_a_re_enabled_one_is(net, memory):
+    device, t, d, host, rx, tx = net
+    d.w("queue_sel", 1)
+    d.w("queue_ready", 0)  # the driver takes the TX queue away after DRIVER_OK
+    memory.write(BUFS, bytes(HDR) + frame(1))
+    tx.set_desc(0, BUFS, HDR + 60)
+    tx.offer(0)
+    d.notify(1)
+    assert not wait_for(lambda: tx.used_idx() == 1, 0.3)  # the old ring is left alone
+    moved = Ring(memory, 0x130000, 8)
+    d.setup_queue(1, moved)
+    memory.write(BUFS + 2048, bytes(HDR) + frame(2))
+    moved.set_desc(0, BUFS + 2048, HDR + 60)
+    moved.offer(0)
+    d.notify(1)
+    assert host.recv(4096) == frame(2)
+    assert wait_for(lambda: moved.used_idx() == 1)
+
+
+def test_driver_cannot_clear_status_bits_or_set_needs_reset(net, memory):
+    device, t, d, host, rx, tx = net
+    assert d.r("status") == 0xF
+    d.w("status", 0x7)  # clearing DRIVER_OK/FEATURES_OK is not the driver's to do (spec 2.1.2)
+    assert d.r("status") == 0xF
+    d.w("status", 0xF | NEEDS_RESET)
+    assert d.r("status") == 0xF

@@ -272,6 +272,12 @@ class VirtioMmio:
                 self.irq(False)
             return
         old = self.status
+        value &= ~VIRTIO_CONFIG_S_NEEDS_RESET  # the device's bit (spec 2.1.1): a driver cannot set it
+        if old & ~VIRTIO_CONFIG_S_NEEDS_RESET & ~value:
+            # spec 2.1.2: "The driver MUST NOT clear a device status bit" (other than by writing 0); ignoring
+            # the write keeps FEATURES_OK, and so the checked features, from being undone under a running device
+            log.warning("%s: status write %#x would clear bits of %#x; ignored", self.backend.name, value, old)
+            return
         new = value | (old & VIRTIO_CONFIG_S_NEEDS_RESET)  # only a reset clears NEEDS_RESET
         if new & VIRTIO_CONFIG_S_FEATURES_OK and not old & VIRTIO_CONFIG_S_FEATURES_OK:
             why = self._check_features()

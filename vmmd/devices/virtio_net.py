@@ -63,8 +63,6 @@ class VirtioNet:
             (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | ((1 << VIRTIO_NET_F_MTU) if mtu else 0)
         self._config = self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, 1, mtu or 0)
         self.transport: VirtioMmio | None = None
-        self.rx: Virtqueue | None = None
-        self.tx: Virtqueue | None = None
         self.stats = {"tx_frames": 0, "tx_dropped": 0, "rx_frames": 0, "notifies": 0}
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
@@ -81,8 +79,7 @@ class VirtioNet:
         return None
 
     def activate(self, transport: VirtioMmio, queues: list[Virtqueue | None]) -> None:
-        self.transport = transport
-        self.rx, self.tx = queues[RX_QUEUE], queues[TX_QUEUE]
+        self.transport = transport  # its queues are read at each pass: the driver may disable or re-enable one
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-io", daemon=True)
             self._thread.start()
@@ -93,7 +90,7 @@ class VirtioNet:
         self._kick()
 
     def reset(self) -> None:
-        self.rx = self.tx = None
+        """The transport forgets its queues on reset; the next pass finds none."""
 
     # --- thread ------------------------------------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -133,9 +130,9 @@ class VirtioNet:
         if transport is None:
             return False
         with transport.lock:
-            tx, rx = self.tx, self.rx
             if not transport.driver_ok:
                 return False
+            rx, tx = transport.queues[RX_QUEUE], transport.queues[TX_QUEUE]
             used = False
             try:
                 if tx is not None:
@@ -144,6 +141,8 @@ class VirtioNet:
                         used = True
                         self.stats["tx_frames"] += n - dropped
                         self.stats["tx_dropped"] += dropped
+                    if tx.available():  # the pass ran out of budget: go on after releasing the lock
+                        self._kick()
                 if rx is not None:
                     if self.vnet_hdr:  # the kernel writes the header; num_buffers (offset 10) must say 1
                         delivered, _ = rx.fill_from_fd(self.tap_fd, b"", (10, b"\x01\x00"))

@@ -34,6 +34,11 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768  # spec 2.7: "The maximum Queue Size value is 32768"
 GATHER_MAX_FRAME = 2048  # TX batches of equal frames up to this size are copied out in one numpy gather
 GATHER_MAX_BYTES = 32 << 20  # ... as long as the copy stays below this
+# Descriptors one drain/fill pass walks through chain() at most. Every chain may be as long as the queue, and
+# every avail entry may name the same long chain: without a budget one notification costs queue size squared
+# steps, all under the transport lock a vCPU's MMIO access waits for. What is left stays available for the
+# next pass (the device thread kicks itself for TX; the tap stays readable for RX).
+DESCRIPTOR_BUDGET = 4096
 
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 assert DESC_DTYPE.itemsize == 16
@@ -122,6 +127,7 @@ class Virtqueue:
         self.used_ring = used_ring
         self.last_avail = 0  # a queue starts at index 0 after reset, whatever the ring memory holds (QEMU does too)
         self.used_idx = 0
+        self.visited = 0  # descriptors walked by chain() in the current pass (DESCRIPTOR_BUDGET)
 
     # --- indices ---------------------------------------------------------------------------------------------------
     def available(self) -> int:
@@ -149,6 +155,7 @@ class Virtqueue:
         index = head
         desc = self.desc
         for _ in range(self.size):  # a chain visits each descriptor at most once: longer means a loop
+            self.visited += 1
             addr, length, flags, nxt = desc[index].tolist()
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise VirtqueueError(f"queue {self.index}: descriptor {index} is indirect, a feature this device "
@@ -240,7 +247,8 @@ class Virtqueue:
                 ends = offsets + lengths
                 if not keep.all():
                     starts, ends = starts[keep], ends[keep]
-                dropped += _write_all(fd, self._frames(starts, ends))
+                if len(starts):  # every frame of the batch may have been header only
+                    dropped += _write_all(fd, self._frames(starts, ends))
             else:
                 mvs = [w[3] for w in self.windows.windows]
                 for w, start, end, is_short in zip(which.tolist(), (offsets + skip).tolist(),
@@ -254,7 +262,12 @@ class Virtqueue:
                             dropped += 1
         else:
             buffers = self.windows.buffer
+            self.visited = 0
+            taken = 0
             for head in heads.tolist():
+                if self.visited >= DESCRIPTOR_BUDGET:
+                    break  # the rest waits for the next pass
+                taken += 1
                 segments = self.chain(head, writable=False)
                 parts = []
                 to_skip = skip
@@ -273,6 +286,8 @@ class Virtqueue:
                     if err.errno not in _DROP_ERRNOS:
                         raise
                     dropped += 1
+            if taken < n:
+                n, heads = taken, heads[:taken]
         used_positions = (self.used_idx + np.arange(n, dtype=np.int64)) & self.mask
         self.used_ring[used_positions, 0] = heads
         self.used_ring[used_positions, 1] = 0
@@ -293,7 +308,10 @@ class Virtqueue:
         delivered = 0
         hlen = len(header)
         buffers = self.windows.buffer
+        self.visited = 0
         while self.available():
+            if self.visited >= DESCRIPTOR_BUDGET:
+                return delivered, False  # the rest in the next pass (the fd is still readable)
             head = self._head(self.last_avail)
             segments = self.chain(head, writable=True)
             capacity = sum(length for _addr, length in segments)
