@@ -54,8 +54,9 @@ def _die(err: DaemonError, connecting: bool = False):
     sys.exit(_exit_for(err, connecting))
 
 
-def _request(socket_path: str | None, op: str, timeout: float | None = 30.0, **fields) -> dict:
-    client = _connect(socket_path, timeout)
+def _request(socket_path: str | None, op: str, client_timeout: float | None = 30.0, **fields) -> dict:
+    """One request; `client_timeout` bounds the wait for the reply (None: as long as the daemon takes)."""
+    client = _connect(socket_path, client_timeout)
     try:
         return client.request(op, **fields)
     except DaemonError as err:
@@ -204,7 +205,7 @@ def stop_cmd(name: str, force: bool, timeout: float | None, as_json: bool, socke
     fields: dict = {"name": name, "force": force}
     if timeout is not None:
         fields["timeout"] = timeout
-    guest = _request(socket_path, "stop", timeout=None, **fields)["guest"]
+    guest = _request(socket_path, "stop", client_timeout=None, **fields)["guest"]
     _report_end(guest, as_json)
 
 

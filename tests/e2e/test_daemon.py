@@ -473,7 +473,8 @@ def test_remove_forgets_a_stopped_adhoc_guest_and_nothing_else(daemon, tmp_path)
     daemon.wait_state("adhoc-spin", ("running",))
     busy = daemon.vmctl("remove", "adhoc-spin")
     assert busy.returncode == 1 and b"vmctl stop adhoc-spin" in busy.stderr
-    assert daemon.vmctl("stop", "adhoc-spin").returncode != 2
+    stopped = daemon.vmctl("stop", "adhoc-spin", "--timeout", "5")
+    assert stopped.returncode == 0 and b"guest adhoc-spin ended (stopped" in stopped.stderr, stopped.stderr
 
     removed = daemon.vmctl("remove", "adhoc-rm")
     assert removed.returncode == 0, removed.stderr
