@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +34,40 @@ from vmmd.sev.measure import (
 from vmmd.sev.ovmf import is_ovmf_image
 
 
-def _firmware_path(config_or_firmware: Path) -> Path:
-    """A firmware path from the argument: a TOML machine config names it under `firmware`."""
+def _definition(config_or_firmware: Path):
+    """The guest definition (docs/daemon.md) when the argument is a .toml file, else None."""
     if config_or_firmware.suffix != ".toml":
-        return config_or_firmware
+        return None
+    import os
+
+    from vmmd.daemon.definitions import DefinitionError, parse_definition
+
     try:
-        config = tomllib.loads(config_or_firmware.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise VmmdError(f"cannot read machine config {config_or_firmware}: {err}") from None
-    for table in (config, config.get("machine", {}), config.get("boot", {})):
-        if isinstance(table, dict) and isinstance(table.get("firmware"), str):
-            return (config_or_firmware.parent / table["firmware"]).resolve()
-    raise VmmdError(f"{config_or_firmware} names no `firmware`: pass the firmware image path instead")
+        text = config_or_firmware.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise VmmdError(f"cannot read guest definition {config_or_firmware}: {err}") from None
+    try:
+        return parse_definition(text, str(config_or_firmware), config_or_firmware.stem, os.getuid(),
+                                config_or_firmware.parent)
+    except DefinitionError as err:
+        raise VmmdError(str(err)) from None
 
 
-def _int(text: str, what: str) -> int:
+def _given(name: str) -> bool:
+    """Was option `name` given on the command line (rather than left at its default)?"""
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _int(text: str, what: str, bits: int = 64) -> int:
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
         raise click.BadParameter(f"{what} must be a number (0x.. for hex), got {text!r}") from None
+    if not 0 <= value < 1 << bits:
+        raise click.BadParameter(f"{what} must be between 0 and {(1 << bits) - 1:#x}, got {text!r}")
+    return value
 
 
 def _read_tik(path: Path) -> bytes:
@@ -99,36 +113,55 @@ def _api_version(text: str) -> tuple[int, int]:
         major, minor = (int(part) for part in text.split("."))
     except ValueError:
         raise click.BadParameter(f"--api-version must look like 0.24, got {text!r}") from None
+    if not (0 <= major <= 255 and 0 <= minor <= 255):
+        raise click.BadParameter(f"--api-version: major and minor are bytes (0..255), got {text!r}")
     return major, minor
 
 
 def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
           vmsa_features: str, memory: str = "64M", c_bit: int = 51) -> tuple[LaunchPlan, Path]:
-    firmware = _firmware_path(config_or_firmware)
-    try:
-        image = firmware.read_bytes()
-    except OSError as err:
-        raise VmmdError(f"cannot read firmware image {firmware}: {err.strerror}") from None
-    if not is_ovmf_image(image):  # a vmmd flat firmware image (firmware/README.md): measured as vmctl run loads it
-        from vmmd.machine.config import parse_size
+    """The launch plan of an image, or of a guest definition: its firmware, memory, vCPUs, guest_arg and policy,
+    unless an option given on the command line says otherwise."""
+    from vmmd.machine.config import parse_size
+    from vmmd.machine.loader import RESET_VECTOR, firmware_kind, read_image_file
+    from vmmd.sev.cpu_types import resolve_cpu_sig
+
+    resolve_cpu_sig(cpu_type)  # a bad --cpu-type is an error whatever the image
+    policy_value = _int(policy, "--policy", 32)
+    features = _int(vmsa_features, "--vmsa-features")
+    memory_bytes, guest_arg = parse_size(memory), 0
+    definition = _definition(config_or_firmware)
+    firmware = config_or_firmware
+    if definition is not None:
+        firmware, guest_arg = definition.firmware, definition.guest_arg
+        if not _given("vcpus"):
+            vcpus = definition.cpus
+        if not _given("memory"):
+            memory_bytes = definition.memory_bytes
+        if not _given("policy") and definition.policy is not None:
+            policy_value = definition.policy
+    if firmware_kind(firmware) != RESET_VECTOR:  # a vmmd flat firmware image: measured as vmctl run loads it
         from vmmd.sev.platform import LaunchInputs, flat_image_digest
 
-        inputs = LaunchInputs(policy=_int(policy, "--policy"), init2=init2,
-                                  vmsa_features=_int(vmsa_features, "--vmsa-features"), c_bit=c_bit)
+        inputs = LaunchInputs(policy=policy_value, init2=init2, vmsa_features=features, c_bit=c_bit)
         try:
-            _, plan = flat_image_digest(firmware, parse_size(memory), vcpus, inputs)
+            _, plan = flat_image_digest(firmware, memory_bytes, vcpus, inputs, guest_arg)
         except ValueError as err:
             raise VmmdError(str(err)) from None
         return plan, firmware
+    image = read_image_file(firmware, 16 << 20, too_large="an OVMF image may have at most 16 MiB")
+    if not is_ovmf_image(image):
+        raise VmmdError(f"{firmware} changed while it was read")
     try:
-        plan = build_ovmf_plan(image, vcpus, cpu_type, init2=init2,
-                               vmsa_features=_int(vmsa_features, "--vmsa-features"), policy=_int(policy, "--policy"))
+        plan = build_ovmf_plan(image, vcpus, cpu_type, init2=init2, vmsa_features=features, policy=policy_value)
     except ValueError as err:
         raise VmmdError(str(err)) from None
     return plan, firmware
 
 
 def _assumed(plan: LaunchPlan, firmware: Path, cpu_type: str) -> dict[str, Any]:
+    if not plan.cpu_sig:  # a flat image starts in 64-bit mode: no CPUID signature in its VMSAs
+        return {"firmware": str(firmware), "cpu_type": None, "cpu_family_model_stepping": None, **plan.describe()}
     family, model, stepping = decode_sig(plan.cpu_sig)
     return {"firmware": str(firmware), "cpu_type": cpu_type,
             "cpu_family_model_stepping": f"{family}/{model}/{stepping}", **plan.describe()}
@@ -136,7 +169,7 @@ def _assumed(plan: LaunchPlan, firmware: Path, cpu_type: str) -> dict[str, Any]:
 
 def _plan_options(func: Any) -> Any:
     options = [
-        click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False)),
+        click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False)),  # image or .toml
         click.option("--vcpus", type=click.IntRange(1, 1024), default=1, show_default=True),
         click.option("--cpu-type", default=DEFAULT_CPU_TYPE, show_default=True,
                      help=f"QEMU model ({', '.join(CPU_SIGS)}) or a CPUID 1 EAX number"),
@@ -155,7 +188,7 @@ def _plan_options(func: Any) -> Any:
 
 
 def _fail(err: VmmdError) -> None:
-    click.echo(f"error: {err}", err=True)
+    click.echo(f"vmctl: {err}", err=True)
     sys.exit(int(ExitCode.HOST_ERROR))
 
 

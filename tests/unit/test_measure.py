@@ -242,4 +242,42 @@ def test_measure_then_verify_cli(fw: Path, tmp_path: Path) -> None:
 
 def test_cli_host_error_exit_code(tmp_path: Path) -> None:
     res = CliRunner().invoke(measure_cmd, [str(tmp_path / "missing.fd")])
-    assert res.exit_code == 3 and "cannot read firmware" in res.output
+    assert res.exit_code == 3 and "missing.fd does not exist" in res.output
+
+
+def test_cli_measures_a_guest_definition_with_its_own_memory_vcpus_and_guest_arg(tmp_path: Path) -> None:
+    """`vmctl measure guest.toml` measures what the definition launches; options given on the command line
+    still win. The digests are checked against flat_image_digest() with the same inputs."""
+    from vmmd.sev.platform import LaunchInputs, flat_image_digest
+
+    hello = Path(__file__).resolve().parents[2] / "firmware" / "build" / "hello.bin"
+    definition = tmp_path / "guest.toml"
+    definition.write_text(f'firmware = "{hello}"\nmemory = "32M"\nvcpus = 2\nguest_arg = 7\n')
+    res = CliRunner().invoke(measure_cmd, [str(definition), "--json"])
+    assert res.exit_code == 0, res.output
+    want, _ = flat_image_digest(hello, 32 << 20, 2, LaunchInputs(), guest_arg=7)
+    assert json.loads(res.output)["digest"] == want.hex()
+    res = CliRunner().invoke(measure_cmd, [str(definition), "--json", "--vcpus", "1"])
+    want, _ = flat_image_digest(hello, 32 << 20, 1, LaunchInputs(), guest_arg=7)
+    assert json.loads(res.output)["digest"] == want.hex()
+    assert json.loads(res.output)["assumed"]["cpu_type"] is None  # a flat image has no CPUID signature
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cpu-type", "bogus"], "unknown vCPU type"),
+    (["--vmsa-features", "-5"], "--vmsa-features must be between"),
+    (["--policy", hex(1 << 32)], "--policy must be between"),
+    (["--tik", "TIK", "--api-version", "999.1", "--build", "1", "--mnonce", "00" * 16], "are bytes"),
+])
+def test_cli_refuses_out_of_range_inputs_as_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    hello = Path(__file__).resolve().parents[2] / "firmware" / "build" / "hello.bin"
+    tik = tmp_path / "tik"
+    tik.write_bytes(bytes(16))
+    res = CliRunner().invoke(measure_cmd, [str(hello), *[str(tik) if a == "TIK" else a for a in args]])
+    assert res.exit_code in (2, 3) and message in res.output, res.output
+    assert not isinstance(res.exception, (ValueError, OverflowError)), res.exception
+
+
+def test_cli_refuses_a_device_without_reading_it() -> None:
+    res = CliRunner().invoke(measure_cmd, ["/dev/zero"])
+    assert res.exit_code == 3 and "not a regular file" in res.output

@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import ctypes
 import os
+import stat
 from dataclasses import dataclass
 
 from vmmd.errors import VmmdError
@@ -67,13 +68,18 @@ def firmware_kind(path: str | os.PathLike, requested: str = "auto") -> str:
     from vmmd.sev.ovmf import is_ovmf_image  # the OVMF footer-table format
 
     try:
-        with open(os.fspath(path), "rb") as image:
-            image.seek(0, os.SEEK_END)
-            size = image.tell()
-            image.seek(max(0, size - 64))
-            tail = image.read()
+        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         return FLAT  # read_firmware() reports the problem with its own message
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return FLAT  # ... as for a device or FIFO, which it refuses without reading
+        tail = os.pread(fd, 64, max(0, st.st_size - 64))
+    except OSError:
+        return FLAT
+    finally:
+        os.close(fd)
     return RESET_VECTOR if is_ovmf_image(tail) else FLAT
 
 
@@ -99,27 +105,54 @@ def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike, rea
 RESET_VECTOR_GPA = 0xFFFF_FFF0
 
 
-def read_firmware(path: str | os.PathLike, memory_bytes: int, limit: int | None = None) -> bytes:
+def read_image_file(path: str | os.PathLike, limit: int, what: str = "firmware", too_large: str = "") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, with errors that say what is wrong (`too_large`:
+    what to say about a larger file, after its path).
+
+    Devices and FIFOs are refused before reading (O_NONBLOCK: opening a FIFO does not wait for a writer;
+    /dev/zero would never end), and nothing larger than `limit` is read."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as image:
-            data = image.read()
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
-        raise VmmdError(f"firmware {p} does not exist (build the guests with `make -C firmware`)") from None
+        hint = " (build the guests with `make -C firmware`)" if "firmware/build" in p else ""
+        raise VmmdError(f"{what} {p} does not exist{hint}") from None
     except IsADirectoryError:
-        raise VmmdError(f"firmware {p} is a directory, not a flat binary") from None
+        raise VmmdError(f"{what} {p} is a directory, not an image file") from None
     except PermissionError:
-        raise VmmdError(f"firmware {p} is not readable by this user") from None
+        raise VmmdError(f"{what} {p} is not readable by this user") from None
+    except OSError as err:
+        raise VmmdError(f"cannot open {what} {p}: {err.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise VmmdError(f"{what} {p} is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            raise VmmdError(f"{what} {p} is not a regular file (a device or FIFO is not an image)")
+        if st.st_size > limit:
+            raise VmmdError(f"{what} {p} is {st.st_size} bytes: " + (too_large or f"more than the {limit} allowed"))
+        with os.fdopen(fd, "rb", closefd=False) as image:
+            data = image.read(limit + 1)
+    except OSError as err:
+        raise VmmdError(f"cannot read {what} {p}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while we read it
+        raise VmmdError(f"{what} {p} is over {limit} bytes: " + (too_large or f"more than the {limit} allowed"))
+    return data
+
+
+def read_firmware(path: str | os.PathLike, memory_bytes: int, limit: int | None = None) -> bytes:
+    """A flat image that fits the RAM above FIRMWARE_LOAD_GPA, or (with `limit`) a reset-vector image."""
+    p = os.fspath(path)
+    if limit is not None:
+        data = read_image_file(p, limit, too_large=f"a reset-vector image may have at most {limit} bytes")
+    else:
+        room = max(min(memory_bytes, PCI_HOLE_START_GPA) - L.FIRMWARE_LOAD_GPA, 0)
+        data = read_image_file(p, room, too_large=f"only {room} bytes of RAM are free above "
+                               f"{L.FIRMWARE_LOAD_GPA:#x}: give the guest more memory (--memory)")
     if not data:
         raise VmmdError(f"firmware {p} is empty")
-    if limit is not None:
-        if len(data) > limit:
-            raise VmmdError(f"firmware {p} is {len(data)} bytes; reset-vector images may be at most {limit} bytes")
-        return data
-    limit = min(memory_bytes, PCI_HOLE_START_GPA) - L.FIRMWARE_LOAD_GPA
-    if len(data) > limit:
-        raise VmmdError(f"firmware {p} is {len(data)} bytes but only {max(limit, 0)} bytes of RAM are free above "
-                        f"{L.FIRMWARE_LOAD_GPA:#x}: give the guest more memory (--memory)")
     return data
 
 
