@@ -158,3 +158,42 @@ def test_sweep_after_a_killed_worker(ns):
     assert link("vmmdbr-k") is None and link("vmmd-kp") is None
     assert link("vmmd-foreign") is not None and link("vmmd-live") is not None
     assert tap.sweep_stale_taps("vmmd-") == []
+
+
+@pytest.mark.timeout(60)
+def test_the_daemon_sweeps_stale_links_when_it_starts(ns, tmp_path):
+    """vmmd started in a namespace holding a tap whose owner is dead removes it and says so."""
+    import signal
+    import time
+
+    from pyroute2 import IPRoute
+
+    from vmmd.daemon.protocol import Client, DaemonError
+
+    dead_pid = subprocess.Popen(["true"])  # its pid is free once it has been waited for
+    dead_pid.wait()
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="vmmd-dead", kind="tuntap", mode="tap")
+        ipr.link("set", index=ipr.link_lookup(ifname="vmmd-dead")[0],
+                 ifalias=names.owner_alias("tap", dead_pid.pid, "dead"))
+    socket_path = str(tmp_path / "v.sock")
+    err = tmp_path / "daemon.err"
+    daemon = subprocess.Popen([sys.executable, "-m", "vmmd.daemon.server", "--socket", socket_path, "--definitions",
+                               str(tmp_path / "vms"), "--state-dir", str(tmp_path / "state"), "--log-dir",
+                               str(tmp_path / "log"), "--pool", "0"], cwd=REPO, stderr=open(err, "wb"))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with Client(socket_path, 2) as client:
+                    client.request("ping")
+                break
+            except DaemonError:
+                assert time.monotonic() < deadline and daemon.poll() is None, err.read_text()
+                time.sleep(0.05)
+        assert link("vmmd-dead") is None
+        text = err.read_text()
+        assert "removed network links left by dead workers: vmmd-dead" in text and "could not sweep" not in text
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(20)

@@ -79,7 +79,8 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         for problem in self.registry.load():
             _log(problem)
-        self._sweep_network()
+        # pyroute2's synchronous API runs its own event loop: not inside this one (it would refuse), in a thread
+        await self.loop.run_in_executor(None, self._sweep_network)
         self.zygote.start(self.loop)
         self.server = await self._listen()
         for sig in (signal.SIGTERM, signal.SIGINT):
