@@ -454,6 +454,10 @@ def test_bad_definition_is_named(daemon, tmp_path):
     assert f"{bad}: key 'platform'" in r.stderr.decode() and "sev-es-emu" in r.stderr.decode()
     missing = daemon.vmctl("start", "no-such-guest")
     assert missing.returncode == 1 and b"no guest named" in missing.stderr
+    (daemon.defs / "broken.toml").write_text(f'firmware = "{guest("hello")}"\nmemroy = "4M"\n')
+    broken = daemon.vmctl("start", "broken")  # the file exists but is skipped: say why
+    assert broken.returncode == 3 and b"broken.toml: key 'memroy': unknown key" in broken.stderr, broken.stderr
+    (daemon.defs / "broken.toml").unlink()
 
 
 @pytest.mark.timeout(60)

@@ -265,6 +265,9 @@ class Daemon:
             self.registry.scan()
             guest = self.registry.guests.get(name)
         if guest is None:
+            skipped = [e for e in self.registry.definition_errors if f"{os.sep}{name}.toml:" in e]
+            if skipped:  # the file is there but does not validate: say why, not "no such guest"
+                raise _RequestError("EINVAL", f"guest {name!r} is not defined: {skipped[0]}")
             raise _RequestError("ENOENT", f"no guest named {name!r} (definitions are read from "
                                           f"{self.registry.definitions_dir}; `vmctl list` shows the known ones)")
         self.policy.check_owner(peer, guest.owner, action, name)
