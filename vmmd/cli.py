@@ -89,7 +89,10 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
         chosen, note = select_platform(platform)
         if console_path is not None:
             out = open(console_path, "wb")
-        interactive = stdin_console or (not sys.stdin.closed and sys.stdin.isatty())
+        elif sys.stdout is None:
+            raise VmmdError("standard output is closed: give --console FILE for the guest's serial output",
+                            ExitCode.USAGE)
+        interactive = stdin_console or (sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty())
         # Interactive: show every byte at once (prompts and echoes end in no newline); else write per line.
         console = Console(out if out is not None else sys.stdout.buffer, line_buffered=not interactive)
         machine = Machine(config, chosen, console.write).build()
@@ -107,7 +110,10 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
             out.close()
         _fail(str(err), err.exit_code)
     except OSError as err:
-        _fail(f"{err.filename or ''}: {err.strerror}" if err.strerror else str(err))
+        if out is not None:
+            out.close()
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror or err}")
     console_input = None
     if interactive:
         from vmmd.machine.console_input import ConsoleInput
@@ -122,7 +128,13 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
         console.flush()
         machine.close()
         if out is not None:
-            out.close()
+            try:
+                out.close()
+            except OSError as err:
+                console.out_error = console.out_error or err
+    if console.out_error is not None:  # the guest ran on; say that its output did not all arrive
+        click.echo(f"vmctl: could not write all of the guest's console output ({console.bytes_written} bytes): "
+                   f"{console.out_error.strerror or console.out_error}", err=True)
     if not quiet:
         click.echo(f"vmctl: guest ended ({result.kind}): {result.reason} [{result.seconds:.3f} s]", err=True)
     sys.stdout.flush()

@@ -91,8 +91,13 @@ class GuestMemory:
         for other in self.slots:
             if gpa < other.end_gpa and other.gpa < gpa + size:
                 raise GuestMemoryError(f"slot at {gpa:#x} size {size:#x} overlaps slot {other.slot} at {other.gpa:#x}")
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, OverflowError) as err:
+            why = getattr(err, "strerror", None) or str(err)
+            raise GuestMemoryError(f"cannot reserve {size >> 20} MiB of guest memory at {gpa:#x}: {why} (give the "
+                                   "guest less memory, or check ulimit -v and vm.overcommit_memory)") from None
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:  # first-touch loads ~4.6x faster with THP (measured on these hosts)
                 mapping.madvise(mmap.MADV_HUGEPAGE)

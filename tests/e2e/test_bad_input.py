@@ -39,12 +39,52 @@ def test_firmware_larger_than_ram(tmp_path) -> None:
     assert "give the guest more memory" in _one_error(r)
 
 
-@pytest.mark.parametrize("size,words", [("1000", "multiple of 4 KiB"), ("1M", "too small"),
-                                        ("lots", "is not a size")])
-def test_bad_memory_sizes(size: str, words: str) -> None:
+@pytest.mark.parametrize("size,words,code", [
+    ("1000", "multiple of 4 KiB", ExitCode.HOST_ERROR), ("1M", "too small", ExitCode.HOST_ERROR),
+    ("99999999999G", "more than vmmd maps", ExitCode.HOST_ERROR),
+    ("lots", "is not a size", ExitCode.USAGE), ("12Q", "is not a size", ExitCode.USAGE),
+])
+def test_bad_memory_sizes(size: str, words: str, code: ExitCode) -> None:
     r = vmctl("run", guest("hello"), "-p", "plain", "-m", size)
-    assert r.returncode == ExitCode.HOST_ERROR
+    assert r.returncode == code
     assert words in _one_error(r)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e308"])
+def test_bad_timeouts(value: str) -> None:
+    r = vmctl("run", guest("hello"), "-p", "plain", "-t", value)
+    assert r.returncode == ExitCode.HOST_ERROR
+    assert "timeout must be a number of seconds above 0" in _one_error(r)
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "FIFO"])
+def test_devices_and_fifos_are_refused_without_reading(tmp_path, path: str) -> None:
+    import os
+
+    if path == "FIFO":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    r = vmctl("run", path, "-p", "plain", "-t", "5", timeout=20)
+    assert r.returncode == ExitCode.HOST_ERROR
+    assert "is not a regular file" in _one_error(r)
+
+
+def test_closed_stdout_is_a_usage_error() -> None:
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "vmmd.cli", "run", guest("hello"), "-p", "plain", "-t", "5"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=30,
+                          preexec_fn=lambda: __import__("os").close(1))
+    assert proc.returncode == ExitCode.USAGE and "standard output is closed" in proc.stderr, proc.stderr
+
+
+def test_console_write_errors_are_reported(tmp_path) -> None:
+    r = vmctl("run", guest("hello"), "-p", "plain", "-t", "5", "-q", "--console", "/dev/full")
+    assert r.returncode == ExitCode.SUCCESS  # the guest ran to its end
+    assert "could not write all of the guest's console output" in _one_error(r) and "No space left" in r.stderr
 
 
 def test_unknown_platform_is_a_usage_error() -> None:

@@ -186,6 +186,10 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
         guest_arg=_int(source, "guest_arg", data.get("guest_arg", 0), 0, 2**64 - 1),
         owner=_owner(source, data["owner"]) if "owner" in data else default_owner,
         description=description, text=text)
+    try:  # the rules `vmctl run` applies too (memory alignment and bounds, ...)
+        definition.machine_config().validate()
+    except VmmdError as err:
+        raise DefinitionError(f"{source}: {err}") from None
     if "policy" in data:
         definition.policy = _policy(source, data["policy"])
     console = data.get("console", {})

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from os import PathLike
 
-from vmmd.errors import VmmdError
+from vmmd.errors import ExitCode, VmmdError
 from vmmd.machine import layout as L
 from vmmd.memory import MIN_MEMORY_BYTES, PAGE_SIZE
 
@@ -20,8 +20,13 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not match:
-        raise VmmdError(f"memory size {text!r} is not a size: use a number of bytes or a suffix K, M, G (e.g. 64M)")
+        raise VmmdError(f"memory size {text!r} is not a size: use a number of bytes or a suffix K, M, G, T (e.g. "
+                        "64M)", ExitCode.USAGE)
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+MAX_MEMORY_BYTES = 1 << 46  # 64 TiB: far above any host here, far below what overflows an mmap length
+MAX_TIMEOUT_SECONDS = 365 * 86400
 
 
 @dataclass
@@ -42,8 +47,14 @@ class MachineConfig:
         if self.memory_bytes < MIN_MEMORY_BYTES:
             raise VmmdError(f"memory size {self.memory_bytes} bytes is too small: at least {MIN_MEMORY_BYTES >> 20} "
                             "MiB are needed")
+        if self.memory_bytes > MAX_MEMORY_BYTES:
+            raise VmmdError(f"memory size {self.memory_bytes} bytes is more than vmmd maps for a guest "
+                            f"({MAX_MEMORY_BYTES >> 40} TiB)")
         if not 1 <= self.cpus <= L.MAX_VCPUS:
             raise VmmdError(f"cpus must be 1..{L.MAX_VCPUS}, got {self.cpus}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise VmmdError(f"timeout must be a positive number of seconds, got {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails both tests
+            raise VmmdError(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g} "
+                            f"(leave it out for no limit), got {self.timeout}")
+        if not 0 <= self.guest_arg < 1 << 64:
+            raise VmmdError(f"guest_arg must fit 64 bits unsigned, got {self.guest_arg}")
         return self
