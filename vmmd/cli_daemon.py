@@ -16,6 +16,7 @@ Exit codes (docs/daemon.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -154,22 +155,23 @@ def start_cmd(name: str | None, file: Path | None, attach: bool, wait: bool, as_
             sys.exit(EXIT_INVALID)
         fields = {"definition": {"path": str(file.resolve()), "text": text}}
     if attach or wait:
-        client = _connect(socket_path, None)
+        client = _connect(socket_path)
         try:
             reply = client.request("start", attach=True, **fields)
         except DaemonError as err:
             _die(err)
         guest = reply["guest"]
-        if attach:
-            _attach(client, guest["name"])
-        else:
-            _drain(client)
+        with _interrupt_leaves_guest_running(guest["name"]):
+            detached = _attach(client, guest["name"]) if attach else _drain(client)
         client.close()
+        if detached:
+            return
+        shown = _after_stream(socket_path, guest["name"])
         if wait:
-            shown = _request(socket_path, "show", name=guest["name"])["guest"]
             _report_end(shown, as_json)
             sys.exit(_guest_exit_code(shown))
-        return
+        _report_end(shown, False)
+        sys.exit(EXIT_INVALID if shown.get("state") == "failed" else 0)
     reply = _request(socket_path, "start", **fields)
     guest = reply["guest"]
     if as_json:
@@ -287,23 +289,53 @@ def log_cmd(name: str, tail: int, socket_path: str | None) -> None:
 @socket_option
 def console_cmd(name: str, no_replay: bool, socket_path: str | None) -> None:
     """Attach to NAME's serial console (history first, then live; keys go to the guest). Detach: Ctrl-]."""
-    client = _connect(socket_path, None)
+    client = _connect(socket_path)
     try:
-        client.request("console", name=name, replay=not no_replay)
+        reply = client.request("console", name=name, replay=not no_replay)
     except DaemonError as err:
         _die(err)
-    _attach(client, name)
+    state = reply.get("guest", {}).get("state")
+    if state not in ("starting", "running", "stopping"):
+        click.echo(f"vmctl: guest {name} is {state}: its console history follows", err=True)
+    with _interrupt_leaves_guest_running(name):
+        detached = _attach(client, name)
     client.close()
+    if not detached and state in ("starting", "running", "stopping"):
+        _report_end(_after_stream(socket_path, name), False)
 
 
-def _drain(client: Client) -> None:
-    """Read a console stream to its end without showing it (start --wait)."""
+@contextlib.contextmanager
+def _interrupt_leaves_guest_running(name: str):
+    """Ctrl-C while following a console (not in raw mode, where it goes to the guest): leave, say so, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"\nvmctl: interrupted; guest {name} keeps running (vmctl stop {name} ends it)", err=True)
+        sys.exit(130)
+
+
+def _after_stream(socket_path: str | None, name: str) -> dict:
+    """The guest as the daemon has it once its console stream ended (the end is recorded by then)."""
+    try:
+        with Client(socket_path, 30.0) as client:
+            return client.request("show", name=name)["guest"]
+    except DaemonError as err:
+        click.echo(f"vmctl: the console stream of {name} ended and vmmd did not answer ({err.message}): how the "
+                   "guest ended is unknown", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+
+
+def _drain(client: Client) -> bool:
+    """Read a console stream to its end without showing it (start --wait). False: not detached."""
+    client.sock.settimeout(None)
     while client.sock.recv(65536):
         pass
+    return False
 
 
-def _attach(client: Client, name: str) -> None:
-    """Pump the console stream to stdout and stdin to the guest until the guest ends or Ctrl-] is pressed."""
+def _attach(client: Client, name: str) -> bool:
+    """Pump the console stream to stdout and stdin to the guest until the guest ends (False) or Ctrl-] is
+    pressed (True)."""
     out = sys.stdout.buffer
     sock = client.sock
     sock.settimeout(None)
@@ -352,8 +384,11 @@ def _attach(client: Client, name: str) -> None:
             import termios
 
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
-    if interactive:
-        click.echo(f"\nvmctl: {'detached from' if detached else 'console closed:'} {name}", err=True)
+    if interactive and detached:
+        click.echo(f"\nvmctl: detached from {name}; it keeps running", err=True)
+    elif interactive:
+        click.echo("", err=True)
+    return detached
 
 
 COMMANDS = (start_cmd, stop_cmd, list_cmd, status_cmd, show_cmd, console_cmd, log_cmd)

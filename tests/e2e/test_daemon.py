@@ -377,6 +377,22 @@ def test_firmware_is_checked_on_every_start_against_the_file_opened(daemon):
     assert daemon.request("show", name="lost")["guest"]["state"] == before
 
 
+@pytest.mark.timeout(60)
+def test_attach_and_console_say_how_the_guest_ended_or_failed(daemon, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\x90" * (6 << 20))  # more than a 4M guest has room for: the worker's loader refuses it
+    os.chmod(tmp_path, 0o755)
+    failing = daemon.define("toobig", "hello")
+    failing.write_text(failing.read_text().replace(guest("hello"), str(big)))
+    r = daemon.vmctl("start", "toobig", "--attach")
+    assert r.returncode == 3 and b"guest toobig failed:" in r.stderr and b"more memory" in r.stderr, r.stderr
+    ok = daemon.vmctl("start", "g2", "--attach")
+    assert ok.returncode == 0 and b"guest g2 ended (debug-exit" in ok.stderr, ok.stderr
+    history = daemon.vmctl("console", "g2")
+    assert history.returncode == 0 and b"guest g2 is stopped: its console history follows" in history.stderr
+    assert EXPECTED_TEXT["ghcb-selftest"].encode() in history.stdout
+
+
 def _read_error(sock: socket.socket) -> dict:
     data = b""
     while not data.endswith(b"\n"):
