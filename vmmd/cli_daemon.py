@@ -150,8 +150,12 @@ def start_cmd(name: str | None, file: Path | None, attach: bool, wait: bool, as_
     if file is not None:
         try:
             text = file.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            click.echo(f"vmctl: {file}: cannot read: {err}", err=True)
+        except UnicodeDecodeError:
+            click.echo(f"vmctl: {file} is not a TOML guest definition (it is not text); to boot an image in the "
+                       f"foreground use `vmctl run {file}`", err=True)
+            sys.exit(EXIT_INVALID)
+        except OSError as err:
+            click.echo(f"vmctl: {file}: cannot read: {err.strerror}", err=True)
             sys.exit(EXIT_INVALID)
         fields = {"definition": {"path": str(file.resolve()), "text": text}}
     if attach or wait:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,10 @@ def _decode_blob(text: str) -> bytes:
             continue
         if len(blob) == MEASURE_BLOB_SIZE:
             return blob
+    looks_like_path = os.sep in text or text.endswith((".bin", ".txt", ".b64"))
+    missing = f"; there is no file {text}" if looks_like_path and not path.exists() else ""
     raise VmmdError(f"--measurement must be {MEASURE_BLOB_SIZE} bytes (MEASURE ‖ MNONCE): a raw file, "
-                    "hex or base64")
+                    f"hex or base64{missing}")
 
 
 def _api_version(text: str) -> tuple[int, int]:

@@ -66,3 +66,21 @@ def test_any_bytes_parse_or_raise_protocol_error(data):
         assert err.errno in ("EINVAL", "EOPNOTSUPP", "EMSGSIZE")
     else:
         assert request["op"] in OPS
+
+
+def test_a_socket_path_that_is_not_a_socket_says_so(tmp_path):
+    import socket as socket_mod
+
+    from vmmd.daemon.protocol import Client, DaemonError
+
+    stale = tmp_path / "stale.sock"
+    listener = socket_mod.socket(socket_mod.AF_UNIX)
+    listener.bind(str(stale))
+    listener.close()  # a socket file nobody listens on
+    with pytest.raises(DaemonError, match="not listening") as err:
+        Client(str(stale), 2)
+    assert err.value.errno == "ECONNREFUSED"
+    regular = tmp_path / "file"
+    regular.write_text("")
+    with pytest.raises(DaemonError, match="is not a socket"):
+        Client(str(regular), 2)

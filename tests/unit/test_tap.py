@@ -59,6 +59,8 @@ def test_parse_net_spec():
                 "tap:" + "x" * 20):
         with pytest.raises(VmmdError):
             parse_net_spec(bad)
+    with pytest.raises(VmmdError, match="MTU 'abc' is not a number"):
+        parse_net_spec("tap,mtu=abc")
 
 
 # --- real taps -------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import socket
+import stat
 from typing import Any
 
 DEFAULT_SOCKET = "/run/vmmd/vmmd.sock"
@@ -139,8 +140,11 @@ class Client:
                                         "(systemctl start vmmd, or pass --socket)") from None
         except ConnectionRefusedError:
             self.sock.close()
-            raise DaemonError("ECONNREFUSED", f"vmmd is not listening on {self.path} (stale socket?): "
-                                              "start it with systemctl start vmmd") from None
+            if not stat.S_ISSOCK(os.stat(self.path).st_mode):
+                raise DaemonError("ENOTSOCK", f"{self.path} is not a socket: pass the control socket of vmmd "
+                                              f"with --socket (default {DEFAULT_SOCKET})") from None
+            raise DaemonError("ECONNREFUSED", f"vmmd is not listening on {self.path} (a socket left by a vmmd "
+                                              "that stopped): start it with systemctl start vmmd") from None
         except PermissionError:
             self.sock.close()
             raise DaemonError("EACCES", f"permission denied connecting to {self.path}: vmmd accepts root and "

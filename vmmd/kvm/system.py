@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import grp
 import mmap
 import os
 from collections.abc import Callable
@@ -77,6 +78,22 @@ def _enable_cap(fd: int, cap: int, args: tuple[int, ...], operation: str) -> Non
     _ioctl(fd, io.KVM_ENABLE_CAP, req, operation)
 
 
+def _device_access_hint(path: str) -> str:
+    """How this user gets read-write access to a device node, from its owner group and mode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "run as root"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    if st.st_gid != 0 and st.st_mode & 0o060 == 0o060:
+        return f"run as root or add the user to group '{group}' (usermod -aG {group} $USER, then log in again)"
+    return (f"it is mode {st.st_mode & 0o777:o} {group}, so only root may open it: run as root, or have udev "
+            "give it to a group (e.g. KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\") and join that group")
+
+
 class Kvm:
     """/dev/kvm: the system fd."""
 
@@ -87,8 +104,7 @@ class Kvm:
             raise VmmdError(f"{path} does not exist: load the KVM module (modprobe kvm_amd or kvm_intel) and make "
                             "sure virtualization is enabled in the firmware setup") from None
         except PermissionError:
-            raise VmmdError(f"{path} is not accessible to this user: run as root or add the user to the group "
-                            f"that owns {path} (usually 'kvm': usermod -aG kvm $USER, then log in again)") from None
+            raise VmmdError(f"{path} is not accessible to this user: {_device_access_hint(path)}") from None
         try:
             version = fcntl.ioctl(self.fd, io.KVM_GET_API_VERSION)
         except OSError as err:

@@ -65,7 +65,10 @@ def parse_net_spec(text: str) -> NetSpec:
             elif key == "mac" and eq:
                 spec.mac = names.parse_mac(value)
             elif key == "mtu" and eq:
-                spec.mtu = int(value, 0)
+                try:
+                    spec.mtu = int(value, 0)
+                except ValueError:
+                    raise ValueError(f"MTU {value!r} is not a number") from None
                 if not 68 <= spec.mtu <= 65535:
                     raise ValueError(f"MTU {spec.mtu} is outside 68..65535")
             elif key == "ifname" and eq:
