@@ -6,6 +6,7 @@ Exit codes are vmmd.errors.ExitCode (README.md, "Exit codes").
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -73,6 +74,24 @@ def main() -> None:
 def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | None, console_path: str | None,
         guest_arg: str, firmware_type: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
     """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
+    # While the guest runs, Machine.run() turns SIGINT/SIGTERM into a clean stop (exit 130); before and after,
+    # they end vmctl the same way, with a sentence instead of a traceback or SIGTERM's default exit 143.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _run(firmware, memory, cpus, platform, timeout, console_path, guest_arg, firmware_type, net, stdin_console,
+             quiet)
+    except KeyboardInterrupt:
+        click.echo("\nvmctl: interrupted (SIGINT/SIGTERM) while the VM was being set up or torn down; nothing is "
+                   "left running", err=True)
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | None, console_path: str | None,
+         guest_arg: str, firmware_type: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig, parse_size
     from vmmd.machine.machine import Machine
@@ -117,6 +136,9 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
     console_input = None
     if interactive:
         from vmmd.machine.console_input import ConsoleInput
+
+        if not quiet:
+            click.echo("vmctl: keys go to the guest's serial console (Ctrl-C too); Ctrl-] stops the VM", err=True)
 
         console_input = ConsoleInput(sys.stdin.fileno(), machine.uart, lambda: machine.request_stop(
             "interrupted", "console detached with Ctrl-]; VM stopped", ExitCode.INTERRUPTED)).start()

@@ -164,3 +164,26 @@ def test_console_to_file(tmp_path) -> None:
 def test_exit_loop_counts_dropped_port_writes() -> None:
     r = vmctl("run", guest("exit-loop"), "-p", "plain", "--guest-arg", "500", "-t", "30")
     assert r.returncode == ExitCode.SUCCESS, r.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_vm_with_exit_130(sig: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.e2e.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "vmmd.cli", "run", guest("spin"), "-p", "plain", "-t", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 20
+        while "spin" not in proc.stdout.readline() and time.monotonic() < deadline:
+            pass  # the guest is running once it printed
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert "Traceback" not in err and ("interrupted" in err or "terminated" in err), err

@@ -56,10 +56,12 @@ def _raise_terminate(signum, frame) -> None:
     raise _Terminate()
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers():
+    """The run's handlers; returns the SIGTERM handler they replace (None off the main thread)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)  # only interrupts KVM_RUN with EINTR
-        signal.signal(signal.SIGTERM, _raise_terminate)
+        return signal.signal(signal.SIGTERM, _raise_terminate)
+    return None
 
 
 class Machine:
@@ -149,7 +151,14 @@ class Machine:
 
     def run(self) -> VmResult:
         """Run until the guest ends, the timeout passes or SIGINT/SIGTERM arrives."""
-        _install_signal_handlers()
+        previous_sigterm = _install_signal_handlers()
+        try:
+            return self._run()
+        finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)  # teardown is not the run: the caller's handler
+
+    def _run(self) -> VmResult:
         start = time.monotonic()
         self._threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}", daemon=True)
                          for v in self.vcpus]
