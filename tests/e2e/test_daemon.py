@@ -214,19 +214,26 @@ def test_crashing_guests_cost_only_themselves(daemon):
     assert again.returncode == 1 and b"not running" in again.stderr
 
 
+def _directory(path: Path, mode: int) -> Path:
+    path.mkdir(exist_ok=True)
+    os.chmod(path, mode)
+    return path
+
+
+def _hello_copy(path: Path, mode: int) -> Path:
+    """The hello guest's image at `path`, with `mode`: firmware a test user may or may not read."""
+    shutil.copy(guest("hello"), path)
+    os.chmod(path, mode)
+    return path
+
+
 @pytest.mark.timeout(60)
 def test_unprivileged_client_only_touches_its_own_guests(daemon):
     daemon.request("start", name="g1")  # a root-owned guest
     daemon.wait_state("g1", ("stopped",))
-    firmware_dir = daemon.root / "fw"
-    firmware_dir.mkdir(exist_ok=True)
-    os.chmod(firmware_dir, 0o755)
-    mine = firmware_dir / "hello.bin"
-    shutil.copy(guest("hello"), mine)
-    os.chmod(mine, 0o644)
-    secret = firmware_dir / "secret.bin"
-    shutil.copy(guest("hello"), secret)
-    os.chmod(secret, 0o600)
+    firmware_dir = _directory(daemon.root / "fw", 0o755)
+    mine = _hello_copy(firmware_dir / "hello.bin", 0o644)
+    secret = _hello_copy(firmware_dir / "secret.bin", 0o600)
     socket_path = daemon.socket
 
     def member() -> dict:
@@ -325,18 +332,9 @@ def test_firmware_is_checked_on_every_start_against_the_file_opened(daemon):
     directory the member cannot search, a later `start NAME` is refused: the daemon opens the firmware
     itself and checks the opened file for the requester, at every start. A missing firmware is refused
     at `start` with its path, and the guest keeps its state."""
-    work = daemon.root / "swap"
-    work.mkdir(exist_ok=True)
-    os.chmod(work, 0o777)
-    hidden = daemon.root / "hidden"
-    hidden.mkdir(exist_ok=True)
-    os.chmod(hidden, 0o700)
-    secret = hidden / "hello.bin"
-    shutil.copy(guest("hello"), secret)
-    os.chmod(secret, 0o644)
-    readable = work / "hello.bin"
-    shutil.copy(guest("hello"), readable)
-    os.chmod(readable, 0o644)
+    work = _directory(daemon.root / "swap", 0o777)
+    secret = _hello_copy(_directory(daemon.root / "hidden", 0o700) / "hello.bin", 0o644)
+    readable = _hello_copy(work / "hello.bin", 0o644)
     socket_path = str(daemon.socket)
 
     def member() -> dict:
