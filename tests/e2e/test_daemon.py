@@ -391,6 +391,28 @@ def test_attach_and_console_say_how_the_guest_ended_or_failed(daemon, tmp_path):
     assert EXPECTED_TEXT["ghcb-selftest"].encode() in history.stdout
 
 
+@pytest.mark.timeout(60)
+def test_console_input_sent_at_once_reaches_the_guest_whole(daemon):
+    """A pasted line (one message of 40 bytes, more than the UART's 16-byte FIFO) is fed as the guest reads."""
+    daemon.define("echo", "echo", timeout=20)
+    daemon.request("start", name="echo")
+    daemon.wait_state("echo", ("running",))
+    line = b"pasted line longer than sixteen bytes!!"
+    with daemon.client(None) as client:
+        client.request("console", name="echo", replay=True)
+        client.sock.settimeout(15)
+        client.sock.sendall(line + b"q")
+        seen = client.take_buffered()
+        while b"echo: bye" not in seen:
+            chunk = client.sock.recv(4096)
+            if not chunk:
+                break
+            seen += chunk
+    assert line in seen, seen
+    end = daemon.wait_state("echo", ("stopped",))["end"]
+    assert end["kind"] == "debug-exit" and end["details"]["console_input_stored"] == len(line) + 1, end
+
+
 def _read_error(sock: socket.socket) -> dict:
     data = b""
     while not data.endswith(b"\n"):

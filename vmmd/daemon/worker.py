@@ -114,6 +114,7 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     from vmmd.devices.console import Console
     from vmmd.errors import ExitCode, VmmdError, VmStop
     from vmmd.machine.config import MachineConfig
+    from vmmd.machine.console_input import PacedInput
     from vmmd.machine.machine import Machine
     from vmmd.machine.platform import select_platform
 
@@ -172,7 +173,8 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
                                    "policy": policy_note, "build_seconds": time.monotonic() - t_go,
                                    "digest": launch.expected_digest.hex() if launch is not None else None})
     done = threading.Event()
-    input_stats = {"received": 0, "stored": 0}  # console input bytes, and those the UART's receiver took
+    input_stats = {"received": 0}  # console input bytes received; paced.stored: those the UART took
+    paced = PacedInput(machine.uart)
 
     def reader() -> None:
         while not done.is_set():
@@ -186,7 +188,7 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
                 return
             if data[:1] == MSG_INPUT:
                 input_stats["received"] += len(data) - 1
-                input_stats["stored"] += machine.uart.feed(data[1:])
+                paced.put(data[1:])  # a pasted line arrives at once; the guest reads 16 bytes at a time
             elif data[:1] == MSG_STOP:
                 reason = json.loads(data[1:]).get("reason", "stopped by request")
                 machine._record_stop(VmStop("stopped", reason, ExitCode.INTERRUPTED))
@@ -202,11 +204,12 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
         payload = {"kind": result.kind, "reason": result.reason, "exit_code": int(result.exit_code),
                    "status": result.status, "seconds": result.seconds,
                    "details": {**result.details, "console_input_bytes": input_stats["received"],
-                               "console_input_stored": input_stats["stored"]}}
+                               "console_input_stored": paced.stored, "console_input_dropped": paced.dropped}}
     except Exception as err:
         payload = {"kind": "vmm-error", "reason": f"vmmd bug while running the guest: {type(err).__name__}: {err}",
                    "exit_code": int(ExitCode.VMM_ERROR), "status": None, "seconds": 0.0, "details": {}}
     done.set()
+    paced.close()
     console.flush()
     try:
         _send_json(sock, MSG_RESULT, payload)

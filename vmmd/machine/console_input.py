@@ -17,6 +17,66 @@ from collections.abc import Callable
 ESCAPE_BYTE = 0x1D  # Ctrl-]
 
 
+def feed_paced(uart, data: bytes, stop: threading.Event) -> int:
+    """Feed `data` to the UART's receiver no faster than the guest reads it, as a terminal's typing would: a
+    pasted line must not overrun the 16-byte FIFO. Returns the bytes stored; gives up when `stop` is set."""
+    stored = 0
+    while data and not stop.is_set():
+        room = uart.rx_room()
+        if room <= 0:
+            stop.wait(0.001)  # the guest has not read the FIFO yet: wait rather than overrun it
+            continue
+        taken = uart.feed(data[:room])
+        stored += taken
+        data = data[max(taken, 1):]
+    return stored
+
+
+class PacedInput:
+    """Console input that arrives in bursts (the daemon's console clients) fed to the UART from its own thread,
+    paced by feed_paced(). At most `limit` bytes wait; more are dropped and counted."""
+
+    def __init__(self, uart, limit: int = 1 << 20) -> None:
+        self.uart = uart
+        self.limit = limit
+        self.stored = 0
+        self.dropped = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._lock = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="console-paced-input", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes) -> None:
+        with self._lock:
+            room = self.limit - self._pending_bytes
+            if len(data) > room:
+                self.dropped += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+            if data:
+                self._pending.append(data)
+                self._pending_bytes += len(data)
+                self._lock.notify()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                while not self._pending and not self._stop.is_set():
+                    self._lock.wait(0.5)
+                if self._stop.is_set():
+                    return
+                data = self._pending.pop(0)
+                self._pending_bytes -= len(data)
+            self.stored += feed_paced(self.uart, data, self._stop)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._lock.notify()
+        self._thread.join(2)
+
+
 class ConsoleInput:
     def __init__(self, fd: int, uart, on_escape: Callable[[], None]) -> None:
         self.fd = fd
@@ -56,13 +116,7 @@ class ConsoleInput:
             return
 
     def _feed(self, data: bytes) -> None:
-        while data and not self._stop.is_set():
-            room = self.uart.rx_room()
-            if room <= 0:
-                self._stop.wait(0.001)  # the guest has not read the FIFO yet: wait rather than overrun it
-                continue
-            taken = self.uart.feed(data[:room])
-            data = data[max(taken, 1):]
+        feed_paced(self.uart, data, self._stop)
 
     def close(self) -> None:
         self._stop.set()
