@@ -620,3 +620,40 @@ def test_console_attach_types_to_the_guest_and_detaches_with_ctrl_bracket(daemon
     end = daemon.request("show", name="spin2")["guest"]["end"]
     assert end["kind"] == "stopped"
     assert end["details"]["console_input_bytes"] == 3, end  # the typed bytes reached the guest's UART
+
+
+@pytest.mark.timeout(90)
+def test_stops_racing_a_start_or_each_other_end_the_guest_once_and_honestly():
+    """A stop --force that arrives while a start waits for a worker ends the guest before it runs; a plain stop
+    after a force does not turn the end into a crash report; a stop of a start that fails returns at once."""
+    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-race-"))
+    d = Daemon(root, extra_args=("--pool", "0"))
+    d.define("spin", "spin", timeout=30)
+    d.start()
+    try:
+        zygote = d.request("ping")["zygote"]
+        os.kill(zygote, signal.SIGSTOP)  # the start below waits for a fork
+        starter = threading.Thread(target=lambda: d.vmctl("start", "spin"))
+        starter.start()
+        assert d.wait_state("spin", ("starting",), timeout=5)["state"] == "starting"
+        forced = d.vmctl("stop", "spin", "--force", "--timeout", "1")
+        os.kill(zygote, signal.SIGCONT)
+        starter.join(30)
+        shown = d.request("show", name="spin")["guest"]
+        assert shown["state"] == "stopped" and shown["end"]["kind"] == "killed", shown
+        assert "before it started" in shown["end"]["reason"], shown
+        assert forced.returncode in (0, 1), forced.stderr
+
+        d.request("start", name="spin")
+        d.wait_state("spin", ("running",))
+        first = d.vmctl("stop", "spin", "--force")
+        second = d.vmctl("stop", "spin")  # a later plain stop must not downgrade the kill
+        end = d.request("show", name="spin")["guest"]["end"]
+        assert end["kind"] == "killed" and "vmctl stop --force" in end["reason"], (end, first.stderr, second.stderr)
+    finally:
+        try:
+            os.kill(zygote, signal.SIGCONT)
+        except (OSError, UnboundLocalError):
+            pass
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)

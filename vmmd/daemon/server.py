@@ -319,11 +319,17 @@ class Daemon:
         guest.start_mono, guest.started_at, guest.ended_at = time.monotonic(), time.time(), None
         guest.first_byte_seconds = None
         guest.starts += 1
+        this_start = guest.starts
         try:
             worker = await self.zygote.take()
         except Exception as err:
-            self._fail(guest, f"no worker process could be started: {err}")
-            raise _RequestError("EAGAIN", guest.error) from None
+            if guest.starts == this_start and guest.state in ACTIVE:
+                self._fail(guest, f"no worker process could be started: {err or type(err).__name__}")
+            raise _RequestError("EAGAIN", f"no worker process could be started: {err or type(err).__name__}") \
+                from None
+        if guest.starts != this_start or guest.state not in ACTIVE:  # stopped (and maybe restarted) meanwhile
+            worker.close()
+            raise _RequestError("ECANCELED", f"guest {guest.name!r} was stopped before it started")
         guest.worker, guest.pid = worker, worker.pid
         self.by_pid[worker.pid] = guest
         worker.sock.setblocking(False)
@@ -366,6 +372,10 @@ class Daemon:
         guest.state, guest.error, guest.ended_at = "failed", error, time.time()
         self.registry.log_event(guest, f"failed: {error}")
         self._release(guest)
+        for waiter in guest.waiters:  # a stop waiting for this guest's end has it now
+            if not waiter.done():
+                waiter.set_result(None)
+        guest.waiters.clear()
         self._changed()
 
     def _changed(self) -> None:
@@ -502,11 +512,12 @@ class Daemon:
             pass
 
     def _kill(self, guest: Guest, reason: str) -> None:
-        if guest.worker is None:
-            return
+        """SIGKILL the guest's worker; before it has one (a start waiting for a worker), record the kill so the
+        start ends the guest instead of sending it on its way."""
         guest.stop_mode, guest.stop_reason = "kill", reason
         self.registry.log_event(guest, reason)
-        guest.worker.signal(signal.SIGKILL)
+        if guest.worker is not None:
+            guest.worker.signal(signal.SIGKILL)
 
     async def _wait_end(self, guest: Guest, timeout: float) -> bool:
         if guest.state not in ACTIVE:
@@ -524,17 +535,30 @@ class Daemon:
             raise _RequestError("EALREADY", f"guest {guest.name!r} is not running (state {guest.state})")
         timeout = float(request.get("timeout", self.args.stop_timeout))
         timeout = min(max(timeout, 0.0), 600.0)
+        if guest.worker is None:  # a start still waiting for a worker: end it here, it never runs
+            force = bool(request.get("force"))
+            guest.stop_mode = "kill" if force else "stop"
+            guest.stop_reason = (f"{'killed by vmctl stop --force' if force else 'stopped by vmctl stop'} "
+                                 f"(uid {peer.uid}) before it started")
+            guest.result = {"kind": "killed" if force else "stopped", "reason": guest.stop_reason, "status": None,
+                            "seconds": None, "exit_code": int(ExitCode.INTERRUPTED)}
+            self.registry.log_event(guest, guest.stop_reason)
+            self._finish(guest)
+            return P.ok(guest=guest.summary())
         if request.get("force"):
             guest.state = "stopping"
-            self._kill(guest, f"killed by vmctl stop --force (SIGKILL, uid {peer.uid})")
-        else:
+            if guest.stop_mode != "kill":  # a second force changes nothing
+                self._kill(guest, f"killed by vmctl stop --force (SIGKILL, uid {peer.uid})")
+        elif guest.stop_mode is None:  # the first stop request; later ones wait for it (never downgrade a kill)
             guest.state, guest.stop_mode = "stopping", "stop"
             guest.stop_reason = f"stopped by vmctl stop (uid {peer.uid})"
             self.registry.log_event(guest, f"stop requested by uid {peer.uid}")
             self._send_stop(guest)
             self._changed()
-            if not await self._wait_end(guest, timeout):
+            if not await self._wait_end(guest, timeout) and guest.stop_mode == "stop":
                 self._kill(guest, f"did not stop within {timeout:g} s of vmctl stop; killed (SIGKILL)")
+        elif not await self._wait_end(guest, timeout) and guest.stop_mode == "stop":
+            self._kill(guest, f"did not stop within {timeout:g} s of vmctl stop; killed (SIGKILL)")
         await self._wait_end(guest, 10.0)
         return P.ok(guest=guest.summary())
 
