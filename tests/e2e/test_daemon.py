@@ -657,3 +657,32 @@ def test_stops_racing_a_start_or_each_other_end_the_guest_once_and_honestly():
             pass
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_zygote_is_replaced_and_its_guests_end_honestly():
+    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-zygote-"))
+    d = Daemon(root, extra_args=("--pool", "1"))
+    d.define("spin", "spin", timeout=30)
+    d.define("hello", "hello", timeout=20)
+    d.start()
+    try:
+        d.request("start", name="spin")
+        d.wait_state("spin", ("running",))
+        old = d.request("ping")["zygote"]
+        os.kill(old, signal.SIGKILL)
+        end = d.wait_state("spin", ("stopped", "failed"), timeout=20)["end"]
+        assert end["kind"] == "killed" and f"zygote (pid {old}) died" in end["reason"], end
+        deadline = time.monotonic() + 20
+        while True:
+            ping = d.request("ping")
+            if ping["zygote_alive"] and ping["zygote"] != old:
+                break
+            assert time.monotonic() < deadline, ping
+            time.sleep(0.1)
+        assert ping["zygote_restarts"] == 1
+        r = d.vmctl("start", "hello", "--wait")
+        assert r.returncode == 0, r.stderr  # starts work again with the new zygote
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -209,7 +209,8 @@ class Daemon:
         op = request["op"]
         try:
             if op == "ping":
-                reply = P.ok(pid=os.getpid(), uid=peer.uid, version=1, zygote=self.zygote.zygote_pid)
+                reply = P.ok(pid=os.getpid(), uid=peer.uid, version=1, zygote=self.zygote.zygote_pid,
+                             zygote_alive=self.zygote.alive, zygote_restarts=self.zygote.restarts)
             elif op == "list":
                 reply = P.ok(guests=[g.summary() for g in sorted(self.registry.guests.values(), key=lambda g: g.name)
                                      if peer.is_root or g.owner == peer.uid])
@@ -469,6 +470,11 @@ class Daemon:
                 end = dict(guest.result)
             elif guest.stop_mode in ("force", "kill"):
                 end = {"kind": "killed", "reason": guest.stop_reason or "killed (SIGKILL)", "status": None,
+                       "seconds": None, "exit_code": int(ExitCode.INTERRUPTED)}
+            elif guest.exit_status is None and guest.worker is not None and \
+                    guest.worker.zygote_pid in self.zygote.dead_zygotes:
+                end = {"kind": "killed", "reason": f"the vmmd zygote (pid {guest.worker.zygote_pid}) died and its "
+                                                   "worker with it (PR_SET_PDEATHSIG)", "status": None,
                        "seconds": None, "exit_code": int(ExitCode.INTERRUPTED)}
             elif guest.exit_status is None:
                 end = {"kind": "vmm-error", "reason": "worker exited; its exit status was not observed "

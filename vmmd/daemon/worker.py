@@ -363,6 +363,7 @@ class WorkerHandle:
     sock: socket.socket
     pidfd: int | None = None
     forked_at: float = field(default_factory=time.monotonic)
+    zygote_pid: int | None = None  # the zygote that forked it: the worker dies with it (PR_SET_PDEATHSIG)
 
     def signal(self, sig: int) -> None:
         try:
@@ -395,6 +396,9 @@ class ZygoteClient:
         self._ctl: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.exit_status: dict[int, int] = {}
+        self.dead_zygotes: set[int] = set()  # pids of zygotes that died; their workers died with them
+        self.restarts = 0
+        self._closing = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -413,6 +417,44 @@ class ZygoteClient:
     @property
     def zygote_pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self._ctl is not None and self._proc is not None and self._proc.poll() is None
+
+    def _zygote_died(self) -> None:
+        """The zygote is gone (killed, crashed): reap it, drop what depended on it, start another after a delay
+        that grows with each death (0.5 s, 1 s, 2 s ... at most 30 s)."""
+        self._loop.remove_reader(self._ctl.fileno())
+        self._ctl.close()
+        self._ctl = None
+        pid = self._proc.pid
+        try:
+            status = self._proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            status = self._proc.wait()
+        self.dead_zygotes.add(pid)
+        for worker in self.idle:
+            worker.close()
+        self.idle = []
+        for sock, future in self._pending.values():
+            sock.close()
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"the vmmd zygote (pid {pid}) died"))
+        self._pending.clear()
+        if self._closing:
+            return
+        delay = min(30.0, 0.5 * 2 ** min(self.restarts, 6))
+        self.restarts += 1
+        print(f"vmmd: the zygote (pid {pid}) exited with status {status}; its workers died with it; starting a new "
+              f"one in {delay:g} s", file=sys.stderr, flush=True)
+        self._loop.call_later(delay, self._respawn)
+
+    def _respawn(self) -> None:
+        if self._closing or self._ctl is not None:
+            return
+        self.start(self._loop)
 
     def _request(self, future: asyncio.Future | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -435,6 +477,8 @@ class ZygoteClient:
 
     async def take(self) -> WorkerHandle:
         """An idle warm worker (forking one now when the pool is empty); the pool refills in the background."""
+        if self._ctl is None:
+            raise RuntimeError("the vmmd zygote died and is being restarted: try again in a few seconds")
         if self.idle:
             worker = self.idle.pop(0)
         else:
@@ -454,8 +498,7 @@ class ZygoteClient:
             except OSError:
                 data = b""
             if not data:
-                self._loop.remove_reader(self._ctl.fileno())
-                print("vmmd: the zygote exited; workers can no longer be started", file=sys.stderr, flush=True)
+                self._zygote_died()
                 return
             body = json.loads(data[1:])
             if data[:1] == MSG_FORKED:
@@ -466,7 +509,7 @@ class ZygoteClient:
                     pidfd = os.pidfd_open(body["pid"])
                 except OSError:
                     pidfd = None
-                worker = WorkerHandle(body["pid"], sock, pidfd)
+                worker = WorkerHandle(body["pid"], sock, pidfd, zygote_pid=self.zygote_pid)
                 if future is None:
                     self.idle.append(worker)
                 elif not future.done():
@@ -481,6 +524,7 @@ class ZygoteClient:
                 self.on_exit(body["pid"], body["status"])
 
     def close(self) -> None:
+        self._closing = True
         for worker in self.idle:
             worker.close()
         self.idle = []
