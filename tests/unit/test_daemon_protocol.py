@@ -38,6 +38,12 @@ def test_valid_requests_round_trip():
     (b'{"op":"start"}', "EINVAL", "exactly one of"),
     (b'{"op":"start","name":"a","definition":{"path":"p","text":"t"}}', "EINVAL", "exactly one of"),
     (b'{"op":"start","definition":{"path":"p"}}', "EINVAL", "'definition' must be"),
+    (b'{"op":[]}', "EOPNOTSUPP", "unknown op"),
+    (b'{"op":{}}', "EOPNOTSUPP", "unknown op"),
+    (b'{"op":"list","x":' + b"[" * 20000 + b"]" * 20000 + b"}", "EINVAL", "nested too deeply"),
+    (b'{"op":"log","name":"g","tail":' + b"9" * 5000 + b"}", "EINVAL", "not a JSON object"),
+    (b'{"op":"start","definition":{"path":"/tmp/\\ud800.toml","text":"x"}}', "EINVAL", "lone surrogate"),
+    (b'{"op":"start","definition":{"path":"/tmp/a\\u0000b","text":"x"}}', "EINVAL", "a NUL"),
 ])
 def test_bad_requests_name_the_problem(line, errno, words):
     with pytest.raises(ProtocolError) as info:

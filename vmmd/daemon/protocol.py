@@ -84,12 +84,14 @@ def parse_request(line: bytes) -> dict:
         raise ProtocolError("EMSGSIZE", f"request of {len(line)} bytes exceeds the limit of {MAX_REQUEST} bytes")
     try:
         request = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, ValueError) as err:  # ValueError: JSONDecodeError, integers over 4300 digits
         raise ProtocolError("EINVAL", f"request is not a JSON object on one line: {err}") from None
+    except RecursionError:
+        raise ProtocolError("EINVAL", "request is nested too deeply") from None
     if not isinstance(request, dict):
         raise ProtocolError("EINVAL", f"request must be a JSON object, got {type(request).__name__}")
     op = request.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ProtocolError("EOPNOTSUPP", f"unknown op {op!r}: use one of {', '.join(OPS)}")
     fields = OPS[op]
     for key, value in request.items():
@@ -107,6 +109,10 @@ def parse_request(line: bytes) -> dict:
     for key, (_, required) in fields.items():
         if required and key not in request:
             raise ProtocolError("EINVAL", f"op {op!r} needs field {key!r}")
+    for key, value in [*request.items(), *(request.get("definition") or {}).items()]:
+        if isinstance(value, str) and not _is_clean_text(value):
+            raise ProtocolError("EINVAL", f"field {key!r} holds a NUL or a lone surrogate (not text a file name "
+                                          "or a definition can have)")
     name = request.get("name")
     if name is not None and not NAME_RE.fullmatch(name):
         raise ProtocolError("EINVAL", f"guest name {name!r} is not valid: use 1-63 of A-Z a-z 0-9 . _ - "
@@ -119,6 +125,15 @@ def parse_request(line: bytes) -> dict:
         if set(definition) != {"path", "text"} or not all(isinstance(v, str) for v in definition.values()):
             raise ProtocolError("EINVAL", "field 'definition' must be {\"path\": string, \"text\": string}")
     return request
+
+
+def _is_clean_text(text: str) -> bool:
+    """Encodable as UTF-8 (JSON lets "\\ud800" through as a lone surrogate) and free of NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
 
 
 def socket_path(explicit: str | None = None) -> str:

@@ -219,7 +219,7 @@ class Registry:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
             f = self._log_file(guest)
-            f.write(f"\n--- vmmd {stamp}: {message}\n".encode())
+            f.write(f"\n--- vmmd {stamp}: {message}\n".encode(errors="replace"))
         except OSError:
             pass
 

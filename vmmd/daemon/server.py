@@ -71,6 +71,7 @@ class Daemon:
         self.done = asyncio.Event()
         self.clients: set[asyncio.StreamWriter] = set()
         self.connections_by_uid: dict[int, int] = {}
+        self._save_failing = False
 
     # --- start-up -----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -202,7 +203,8 @@ class Daemon:
 
     async def _reply(self, writer: asyncio.StreamWriter, reply: dict) -> None:
         writer.write(P.encode(reply))
-        await writer.drain()
+        # a client that stops reading its replies is as idle as one that stops sending
+        await asyncio.wait_for(writer.drain(), self.args.idle_timeout)
 
     async def _dispatch(self, request: dict, peer: Peer, writer: asyncio.StreamWriter) -> tuple[Guest, bool] | None:
         """Answer one request; returns (guest, replay) when the connection becomes the guest's console stream."""
@@ -381,8 +383,18 @@ class Daemon:
 
     def _changed(self) -> None:
         """Persist now (a small JSON file, renamed into place, no fsync: well under a millisecond), so a daemon
-        killed at any moment leaves the states it had reported."""
-        self.registry.save()
+        killed at any moment leaves the states it had reported. A failed save (disk full, no descriptors) is
+        logged and retried at the next change; it never fails the request whose action already happened."""
+        try:
+            self.registry.save()
+            if self._save_failing:
+                _log("saving the guest states works again")
+                self._save_failing = False
+        except (OSError, ValueError) as err:
+            if not self._save_failing:
+                _log(f"could not save the guest states to {self.registry.state_file}: {err}; retrying at the "
+                     "next change")
+            self._save_failing = True
         notify(self._status())
 
     # --- worker messages --------------------------------------------------------------------------------
