@@ -67,3 +67,20 @@ def test_corrupt_state_file_is_reported_not_fatal(tmp_path):
     (tmp_path / "state" / "guests.json").write_text("{not json")
     problems = reg.load()
     assert problems and "unreadable" in problems[0]
+
+
+def test_the_log_of_a_running_guest_rotates_at_the_limit(tmp_path):
+    from vmmd.daemon.registry import LOG_ROTATE_BYTES
+
+    reg = _registry(tmp_path)
+    (tmp_path / "vms" / "chatty.toml").write_text('firmware = "/x.bin"\n')
+    reg.load()
+    guest = reg.guests["chatty"]
+    chunk = b"x" * 65536
+    for _ in range(LOG_ROTATE_BYTES // len(chunk) + 8):  # a little over the limit, the log never reopened
+        reg.log_console(guest, chunk)
+    reg.log_event(guest, "still running")
+    log, old = reg.log_path(guest), reg.log_path(guest).with_suffix(".log.1")
+    assert old.stat().st_size > LOG_ROTATE_BYTES
+    assert log.stat().st_size < LOG_ROTATE_BYTES and b"still running" in log.read_bytes()
+    reg.close_log(guest)

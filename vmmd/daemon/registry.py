@@ -215,21 +215,24 @@ class Registry:
             os.chmod(path, 0o640)
         return f
 
-    def log_event(self, guest: Guest, message: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    def _append(self, guest: Guest, data: bytes) -> None:
+        """Write to NAME.log; once it passes LOG_ROTATE_BYTES it becomes NAME.log.1 (replacing the previous
+        one) and a new NAME.log begins, also while the guest runs. Never raises: a log is not worth a guest."""
         try:
             f = self._log_file(guest)
-            f.write(f"\n--- vmmd {stamp}: {message}\n".encode(errors="replace"))
+            f.write(data)
+            if f.tell() > LOG_ROTATE_BYTES:
+                self.close_log(guest)  # the next write opens NAME.log anew, rotating this one away
         except OSError:
             pass
 
+    def log_event(self, guest: Guest, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._append(guest, f"\n--- vmmd {stamp}: {message}\n".encode(errors="replace"))
+
     def log_console(self, guest: Guest, data: bytes) -> None:
-        if not guest.definition.log_console:
-            return
-        try:
-            self._log_file(guest).write(data)
-        except OSError:
-            pass
+        if guest.definition.log_console:
+            self._append(guest, data)
 
     def close_log(self, guest: Guest) -> None:
         f = self._logs.pop(guest.name, None)
