@@ -686,3 +686,36 @@ def test_a_killed_zygote_is_replaced_and_its_guests_end_honestly():
     finally:
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_member_may_keep_a_bounded_number_of_adhoc_guests():
+    from vmmd.daemon.server import MAX_ADHOC_PER_UID
+
+    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-quota-"))
+    os.chmod(root, 0o755)
+    gid = _free_gid()
+    fw = _hello_copy(_directory(root / "fw", 0o755) / "hello.bin", 0o644)
+    text = f'firmware = "{fw}"\nmemory = "4M"\nplatform = "plain"\n'
+    (root / "state").mkdir()
+    saved = [{"name": f"mine{i}", "adhoc": True, "owner": NOBODY, "state": "stopped",
+              "source": str(root / "fw" / f"mine{i}.toml"), "text": text} for i in range(MAX_ADHOC_PER_UID)]
+    (root / "state" / "guests.json").write_text(json.dumps({"version": 1, "guests": saved}))
+    d = Daemon(root, group=gid, extra_args=("--pool", "0"))
+    d.start()
+    socket_path = d.socket
+    try:
+        def member() -> dict:
+            with Client(socket_path) as c:
+                try:
+                    c.request("start", definition={"path": str(root / "fw" / "one-more.toml"), "text": text})
+                    return {"started": True}
+                except DaemonError as err:
+                    return {"errno": err.errno, "message": err.message}
+
+        got = run_as_user(NOBODY, [gid], member)
+        assert got.get("errno") == "EDQUOT" and "vmctl remove" in got["message"], got
+        assert len([g for g in d.request("list")["guests"] if g["name"].startswith("mine")]) == MAX_ADHOC_PER_UID
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)

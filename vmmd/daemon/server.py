@@ -48,6 +48,7 @@ DEFAULT_LOG_DIR = "/var/log/vmmd"
 MAX_WATCHER_BACKLOG = 1 << 20  # a console client this far behind is detached, the guest never waits for it
 MAX_LOG_TAIL = 1 << 20
 STATUS_LOST_AFTER = 2.0  # seconds to wait for the zygote's exit status once a worker channel closed
+MAX_ADHOC_PER_UID = 64  # ad-hoc guests a non-root uid may keep defined (vmctl remove frees them)
 MAX_CONNECTIONS_PER_UID = 64  # open control connections (console streams included) per non-root uid
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a connection may wait before (or in the middle of) a request line
 
@@ -287,6 +288,11 @@ class Daemon:
             firmware_fd = self._open_firmware(guest.definition, guest.adhoc, peer)
         else:
             parsed, existing = self._adhoc(request["definition"], peer)
+            if existing is None and not peer.is_root:
+                owned = sum(1 for g in self.registry.guests.values() if g.adhoc and g.owner == peer.uid)
+                if owned >= MAX_ADHOC_PER_UID:  # each is kept (and saved) until removed
+                    raise _RequestError("EDQUOT", f"uid {peer.uid} already has {owned} ad-hoc guests, the most one "
+                                                  "user may keep: `vmctl remove` stopped ones first")
             firmware_fd = self._open_firmware(parsed, True, peer)  # refused: nothing was registered or replaced
             if existing is not None:
                 existing.definition = parsed
