@@ -84,3 +84,18 @@ def test_the_log_of_a_running_guest_rotates_at_the_limit(tmp_path):
     assert old.stat().st_size > LOG_ROTATE_BYTES
     assert log.stat().st_size < LOG_ROTATE_BYTES and b"still running" in log.read_bytes()
     reg.close_log(guest)
+
+
+def test_saved_adhoc_guests_that_no_longer_validate_are_kept_not_dropped(tmp_path):
+    reg = _registry(tmp_path)
+    bad = {"name": "old", "adhoc": True, "owner": 1000, "state": "stopped", "source": "/home/u/old.toml",
+           "text": 'firmware = "/x.bin"\nmemory = "100000G"\n'}
+    (tmp_path / "state" / "guests.json").write_text(json.dumps({"version": 1, "guests": [bad]}))
+    problems = reg.load()
+    assert any("no longer validates" in p and "unloadable" in p for p in problems), problems
+    assert "old" not in reg.guests
+    for _ in range(2):  # saved again and again, and read back, without losing it
+        saved = json.loads((tmp_path / "state" / "guests.json").read_text())
+        assert saved["unloadable"] == [bad]
+        reg = _registry(tmp_path)
+        reg.load()

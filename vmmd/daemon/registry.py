@@ -113,6 +113,8 @@ class Registry:
         self.log_dir = log_dir
         self.guests: dict[str, Guest] = {}
         self.definition_errors: list[str] = []
+        # saved ad-hoc guests that no longer validate (stricter rules after an upgrade): kept, never dropped
+        self.unloadable: dict[str, dict] = {}
         self._logs: dict[str, Any] = {}
 
     # --- definitions and persistence ------------------------------------------------------------------------
@@ -148,6 +150,9 @@ class Registry:
             return problems
         except (OSError, ValueError) as err:
             return problems + [f"{self.state_file}: unreadable ({err}); starting with no saved state"]
+        for entry in saved.get("unloadable", []):
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                saved.setdefault("guests", []).append(entry)  # tried again: the rules may accept it now
         for entry in saved.get("guests", []):
             try:
                 name = entry["name"]
@@ -162,7 +167,10 @@ class Registry:
                         definition = parse_definition(entry["text"], source, Path(source).stem, entry["owner"],
                                                       Path(source).parent)
                     except DefinitionError as err:
-                        problems.append(f"saved ad-hoc guest {name!r} no longer validates: {err}")
+                        problems.append(f"saved ad-hoc guest {name!r} no longer validates: {err}; kept in "
+                                        f"{self.state_file} under 'unloadable' (its owner can start -f a fixed "
+                                        "definition under that name)")
+                        self.unloadable[name] = entry
                         continue
                     guest = self.guests[name] = Guest(definition, adhoc=True,
                                                       ring=ConsoleRing(definition.ring_bytes))
@@ -186,6 +194,9 @@ class Registry:
 
     def save(self) -> None:
         entries = []
+        for name in list(self.unloadable):
+            if name in self.guests:  # a new guest of that name replaced it
+                del self.unloadable[name]
         for guest in self.guests.values():
             entry = {"name": guest.name, "adhoc": guest.adhoc, "owner": guest.owner, "state": guest.state,
                      "end": guest.end, "error": guest.error, "pid": guest.pid, "started_at": guest.started_at,
@@ -195,7 +206,7 @@ class Registry:
             entries.append(entry)
         tmp = self.state_file.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump({"version": 1, "guests": entries}, f, indent=1)
+            json.dump({"version": 1, "guests": entries, "unloadable": list(self.unloadable.values())}, f, indent=1)
         os.replace(tmp, self.state_file)
 
     # --- per-guest log file ---------------------------------------------------------------------------------
