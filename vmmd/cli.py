@@ -52,7 +52,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("firmware", type=click.Path(dir_okay=False))
+@click.argument("firmware", type=click.Path())  # the loader checks it, with exit code 3 like every host problem
 @click.option("--memory", "-m", default="64M", show_default=True, help="guest RAM (bytes, or K/M/G suffix)")
 @click.option("--cpus", "-c", default=1, show_default=True, type=int, help="number of vCPUs")
 @click.option("--platform", "-p", default="auto", show_default=True,

@@ -371,7 +371,7 @@ def test_firmware_is_checked_on_every_start_against_the_file_opened(daemon):
     missing.write_text(missing.read_text().replace(guest("hello"), str(daemon.root / "nowhere.bin")))
     before = daemon.request("show", name="lost")["guest"]["state"]
     r = daemon.vmctl("start", "lost")
-    assert r.returncode == 1 and b"nowhere.bin" in r.stderr and b"No such file" in r.stderr
+    assert r.returncode == 3 and b"nowhere.bin" in r.stderr and b"No such file" in r.stderr
     assert daemon.request("show", name="lost")["guest"]["state"] == before
 
 

@@ -195,7 +195,10 @@ class Client:
 
     def request(self, op: str, **fields: Any) -> dict:
         """Send one request; return the ok reply or raise DaemonError with the daemon's errno and message."""
-        self.send({"op": op, **fields})
+        try:
+            self.send({"op": op, **fields})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered and closed before reading (a refusal at connect): its reply is readable
         reply = self.read_reply()
         if not reply.get("ok"):
             raise DaemonError(str(reply.get("errno", "EIO")), str(reply.get("error", "unknown error")))

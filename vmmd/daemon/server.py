@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno as _errno
 import grp
 import json
 import os
@@ -79,6 +78,9 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         for directory in (self.registry.state_dir, self.registry.log_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if not self.registry.definitions_dir.is_dir():
+            _log(f"the definitions directory {self.registry.definitions_dir} does not exist: no guests are defined "
+                 "(create it, or pass --definitions)")
         for problem in self.registry.load():
             _log(problem)
         # pyroute2's synchronous API runs its own event loop: not inside this one (it would refuse), in a thread
@@ -315,10 +317,8 @@ class Daemon:
         except AccessDenied as err:
             raise AccessDenied(f"{where}: {err}; vmmd loads firmware only from files its caller could read") \
                 from None
-        except OSError as err:
-            code = _errno.errorcode.get(err.errno or 0, "EIO")
-            raise _RequestError(code if code in ("ENOENT", "EACCES", "EINVAL") else "EIO",
-                                f"{where}: cannot open {definition.firmware}: {err.strerror}") from None
+        except OSError as err:  # a definition naming a firmware that cannot be loaded: vmctl's exit 3
+            raise _RequestError("EINVAL", f"{where}: cannot open {definition.firmware}: {err.strerror}") from None
 
     async def _start_worker(self, guest: Guest, peer: Peer, firmware_fd: int) -> Guest:
         guest.state, guest.error, guest.end, guest.result, guest.build_error = "starting", None, None, None, None
