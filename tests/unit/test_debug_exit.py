@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmmd.devices.bus import PortBus
-from vmmd.devices.debug_exit import DEBUG_EXIT_IOSIZE, DebugExit, debug_exit_status
+from vmmd.devices.debug_exit import DEBUG_EXIT_DECODE, DebugExit, debug_exit_status
 from vmmd.errors import ExitCode, VmStop
 from vmmd.machine.layout import DEBUG_EXIT_PORT
 
@@ -15,7 +15,7 @@ from vmmd.machine.layout import DEBUG_EXIT_PORT
 @pytest.fixture
 def bus() -> PortBus:
     bus = PortBus()
-    bus.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_IOSIZE)
+    bus.insert(DebugExit(), DEBUG_EXIT_PORT, DEBUG_EXIT_DECODE)
     return bus
 
 
@@ -48,9 +48,23 @@ def test_reads_return_zero_like_qemu(bus: PortBus) -> None:
     assert bus.unmapped_reads == 0
 
 
-def test_wider_than_the_range_is_unmapped(bus: PortBus) -> None:
-    bus.write(DEBUG_EXIT_PORT, 4, 0)  # 0x501..0x504 runs past the 2-port range: dropped, not an exit
-    assert bus.unmapped_writes == 1
+@pytest.mark.parametrize("port,size,value,kept", [
+    (DEBUG_EXIT_PORT, 4, 0x0001_0000, 0x0000),  # outl 0x501: QEMU keeps the 2 bytes inside the range
+    (DEBUG_EXIT_PORT, 4, 0xABCD_1234, 0x1234),
+    (DEBUG_EXIT_PORT + 1, 2, 0x5678, 0x78),  # outw 0x502: one byte inside
+    (DEBUG_EXIT_PORT + 1, 4, 0x0000_0100, 0x00),
+])
+def test_accesses_running_past_the_range_are_cut_as_qemu_cuts_them(bus: PortBus, port: int, size: int, value: int,
+                                                                    kept: int) -> None:
+    with pytest.raises(VmStop) as stop:
+        bus.write(port, size, value)
+    assert stop.value.status == debug_exit_status(kept)
+    assert stop.value.exit_code == (ExitCode.SUCCESS if kept == 0 else ExitCode.GUEST_FAILURE)
+
+
+def test_ports_after_the_range_do_nothing(bus: PortBus) -> None:
+    bus.write(DEBUG_EXIT_PORT + 2, 1, 1)  # 0x503: beyond iosize 2, no exit
+    assert bus.read(DEBUG_EXIT_PORT + 3, 1) == 0
 
 
 @given(st.integers(0, 0xFFFFFFFF))

@@ -177,6 +177,13 @@ def test_thre_interrupt_cleared_by_iir_read_and_rearmed_by_thr_write(h: Harness)
     assert h.edges[-1] is False and h.rd(u.UART_IIR) == u.IIR_NO_INT
 
 
+def test_clearing_the_tx_fifo_rearms_the_thre_interrupt(h: Harness) -> None:
+    h.wr(u.UART_IER, u.IER_THRI)
+    assert h.rd(u.UART_IIR) == u.IIR_THRI  # consumed
+    h.wr(u.UART_FCR, u.FCR_ENABLE | u.FCR_CLEAR_TX)  # QEMU serial_ioport_write case 2: THRE pending again
+    assert h.rd(u.UART_IIR) == u.IIR_FIFO_ENABLED | u.IIR_THRI
+
+
 def test_thr_write_with_thri_pending_gives_an_edge(h: Harness) -> None:
     h.wr(u.UART_IER, u.IER_THRI)
     h.wr(u.UART_TX, ord("a"))  # still pending: line drops and rises again like QEMU's lower/raise

@@ -310,7 +310,8 @@ class Uart16550:
             value |= FCR_CLEAR_RX | FCR_CLEAR_TX
         if value & FCR_CLEAR_RX:
             self._rx.clear()
-        # FCR_CLEAR_TX: the TX FIFO is always empty here (instantaneous transmission); THRE stays set.
+        if value & FCR_CLEAR_TX:  # the TX FIFO is always empty here (instantaneous transmission); THRE stays set,
+            self._thr_ipending = True  # and, as QEMU's serial_ioport_write case 2 does, its interrupt is re-armed
         if enable:
             self.fcr = value & FCR_STICKY
             self._rx_trigger = RX_TRIGGER_LEVELS[value & FCR_TRIGGER_MASK]

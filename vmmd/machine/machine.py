@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from vmmd.devices.bus import MmioBus, PortBus
-from vmmd.devices.debug_exit import DebugExit
+from vmmd.devices.debug_exit import DEBUG_EXIT_DECODE, DebugExit
 from vmmd.devices.testdev import TestDev
 from vmmd.devices.uart import Uart16550
 from vmmd.errors import ExitCode, VmmdError, VmStop
@@ -76,7 +76,7 @@ class Machine:
         self.mmio_bus = MmioBus()
         self.uart = Uart16550(tx_sink=console_sink)
         self.port_bus.insert(self.uart, L.CONSOLE_PORT, 8)
-        self.port_bus.insert(DebugExit(), L.DEBUG_EXIT_PORT, 2)
+        self.port_bus.insert(DebugExit(), L.DEBUG_EXIT_PORT, DEBUG_EXIT_DECODE)
         self.mmio_bus.insert(TestDev(), L.MMIO_TESTDEV_GPA, L.MMIO_TESTDEV_SIZE)
         self.cpuid: CpuidTable | None = None
         self.network = None  # vmmd.net handle with close(), when config.net is set
