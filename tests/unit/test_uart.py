@@ -361,3 +361,29 @@ def test_console_loses_nothing_with_concurrent_writers() -> None:
     assert len(data) == console.bytes_written == 4 * 20000
     for letter in letters:
         assert data.count(letter) == 20000 - 20000 // 97
+
+
+def test_an_irq_connected_later_gets_the_current_level_then_every_change() -> None:
+    levels: list[bool] = []
+    uart = u.Uart16550(tx_sink=lambda data: None)
+    uart.write(u.UART_IER, 1, u.IER_THRI)  # pending before anything is connected
+    uart.connect_irq(levels.append)
+    assert levels == [True]
+    uart.read(u.UART_IIR, 1)  # THRE consumed
+    assert levels == [True, False]
+
+
+def test_the_console_irq_reaches_an_in_kernel_irqchip() -> None:
+    """What Machine wires on platforms with an irqchip (sev-es): UART level -> KVM_IRQ_LINE(CONSOLE_IRQ)."""
+    from vmmd.kvm import Kvm
+    from vmmd.machine.layout import CONSOLE_IRQ
+
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.create_irqchip()
+    uart = u.Uart16550(tx_sink=lambda data: None)
+    uart.connect_irq(lambda level: vm.irq_line(CONSOLE_IRQ, 1 if level else 0))
+    uart.write(u.UART_IER, 1, u.IER_THRI)
+    uart.read(u.UART_IIR, 1)
+    vm.close()
+    kvm.close()

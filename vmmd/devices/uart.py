@@ -251,6 +251,12 @@ class Uart16550:
         # transmission is instantaneous, so THRE/TEMT stay set and thr_ipending is unused (QEMU keeps it 0).
         self._tx_fast = not (self.lcr & LCR_DLAB) and not (self.mcr & MCR_LOOP) and not (self.ier & IER_THRI)
 
+    def connect_irq(self, irq: IrqCallback) -> None:
+        """Drive `irq` (level) from now on, starting with the current level (the VM may be created after us)."""
+        with self._lock:
+            self._irq = irq
+            irq(self.irq_level)
+
     def _set_irq(self, level: bool) -> None:
         if level != self.irq_level:
             self.irq_level = level

@@ -20,6 +20,7 @@ STACK_SIZE = 0x4000
 FIRMWARE_LOAD_GPA = 0x100000  # flat images load and start here
 
 CONSOLE_PORT = 0x3F8  # COM1, 8 registers
+CONSOLE_IRQ = 4  # COM1's ISA IRQ, raised through the in-kernel irqchip where the platform has one
 DEBUG_EXIT_PORT = 0x501  # QEMU isa-debug-exit default iobase, 2 ports wide
 DOORBELL_PORT = 0x0E80  # sev-es-emu VMGEXIT doorbell (advertised in CPUID 0x40000101 EAX)
 

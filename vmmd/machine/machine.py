@@ -106,6 +106,9 @@ class Machine:
             self.image = image
             self.cr3 = cr3
             self.vm = self.platform.create_vm(self)
+            if getattr(self.vm, "has_irqchip", False):  # sev-es: the UART raises IRQ 4 (interrupt-driven drivers)
+                vm = self.vm
+                self.uart.connect_irq(lambda level: vm.irq_line(L.CONSOLE_IRQ, 1 if level else 0))
             self.platform.configure_vm(self)
             self.cpuid = build_cpuid_table(self.kvm.get_supported_cpuid(), cfg.cpus, self.platform.name,
                                            self.platform.doorbell_port, host_cpuid)
