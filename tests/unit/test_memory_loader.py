@@ -165,3 +165,14 @@ def test_reset_vector_image_ends_at_4_gib_read_only_unless_the_platform_cannot(t
         memory.close()
     # KVM refuses KVM_MEM_READONLY for SEV-ES VMs (kvm_arch_has_readonly_mem): that platform maps it as RAM
     assert SevEsPlatform.readonly_memory is False and SevEsEmuPlatform.readonly_memory is True
+
+
+def test_kvm_private_pages_clear_ram_devices_and_the_largest_reset_vector_image() -> None:
+    """The identity map and TSS pages KVM_SET_IDENTITY_MAP_ADDR / KVM_SET_TSS_ADDR claim (4 pages) overlap
+    nothing a guest has: RAM ends below the PCI hole, the MMIO windows end below, a 16 MiB image starts above."""
+    from vmmd.kvm.system import IDENTITY_MAP_GPA, TSS_ADDR_GPA
+
+    kvm_pages = (IDENTITY_MAP_GPA, TSS_ADDR_GPA + 3 * 4096)
+    assert kvm_pages[0] + 4096 == TSS_ADDR_GPA
+    assert PCI_HOLE_START_GPA <= L.MMIO_TESTDEV_GPA < L.VIRTIO_NET_MMIO_GPA + L.VIRTIO_MMIO_SIZE <= kvm_pages[0]
+    assert kvm_pages[1] <= FOUR_GIB_GPA - (16 << 20)

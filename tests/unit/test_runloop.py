@@ -212,3 +212,39 @@ def test_the_resolved_table_is_bounded() -> None:
     run_vcpu(vcpu, ctx, lambda: False)
     assert 0 < len(vcpu.byte_port_handlers) <= 512
     assert ctx.port_bus.unmapped_writes == 3 * 512
+
+
+def test_machine_run_off_the_main_thread_without_a_kick_handler_refuses_instead_of_dying() -> None:
+    """kick_all() signals vCPU threads with SIGUSR1; with its default action that would end the process."""
+    import signal
+    import threading
+    from pathlib import Path
+
+    from vmmd.devices.console import Console
+    from vmmd.errors import VmmdError
+    from vmmd.machine.config import MachineConfig
+    from vmmd.machine.machine import KICK_SIGNAL, Machine
+    from vmmd.machine.platform import select_platform
+
+    hello = Path(__file__).resolve().parents[2] / "firmware" / "build" / "hello.bin"
+    previous = signal.signal(KICK_SIGNAL, signal.SIG_DFL)
+    outcome: list = []
+    try:
+        chosen, _ = select_platform("plain")
+        machine = Machine(MachineConfig(firmware=hello, memory_bytes=16 << 20, platform="plain"), chosen,
+                          Console(None).write).build()
+        try:
+            def run() -> None:
+                try:
+                    outcome.append(machine.run())
+                except VmmdError as err:
+                    outcome.append(err)
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join(30)
+        finally:
+            machine.close()
+    finally:
+        signal.signal(KICK_SIGNAL, previous)
+    assert len(outcome) == 1 and isinstance(outcome[0], VmmdError) and "kick signal" in str(outcome[0])

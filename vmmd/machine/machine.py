@@ -155,6 +155,10 @@ class Machine:
     def run(self) -> VmResult:
         """Run until the guest ends, the timeout passes or SIGINT/SIGTERM arrives."""
         previous_sigterm = _install_signal_handlers()
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            # kick_all() sends KICK_SIGNAL to vCPU threads; with its default action that ends the process
+            raise VmmdError("Machine.run() needs a handler for the vCPU kick signal (SIGUSR1): call it from the "
+                            "main thread, or install one there first")
         try:
             return self._run()
         finally:

@@ -185,9 +185,9 @@ def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop 
                     return None
                 continue
             if ex is exits.INTERRUPTED:
+                vcpu.run_bytes[1] = 0  # clear immediate_exit first: a kick landing after this is not lost
                 if should_stop():
                     return None
-                vcpu.run_bytes[1] = 0  # clear immediate_exit
                 continue
             if handle(ex, vcpu, ctx) == VCPU_HALTED:
                 return None
