@@ -113,8 +113,9 @@ def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | 
                             ExitCode.USAGE)
         interactive = stdin_console or (sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty())
         # Interactive: show every byte at once (prompts and echoes end in no newline); else write per line.
-        console = Console(out if out is not None else sys.stdout.buffer, line_buffered=not interactive)
+        console = Console(out if out is not None else sys.stdout.buffer, line_buffered=not interactive, threaded=True)
         machine = Machine(config, chosen, console.write).build()
+        machine.stop_listeners.append(console.release)
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
             launch = getattr(chosen, "launch_result", None)
@@ -142,13 +143,15 @@ def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | 
 
         console_input = ConsoleInput(sys.stdin.fileno(), machine.uart, lambda: machine.request_stop(
             "interrupted", "console detached with Ctrl-]; VM stopped", ExitCode.INTERRUPTED)).start()
+    result = None
     try:
         result = machine.run()
     finally:
         if console_input is not None:
             console_input.close()
-        console.flush()
         machine.close()
+        if result is not None and result.kind != "interrupted":
+            console.drain()  # the VM is gone; what it printed still reaches a slow reader (Ctrl-C gives up)
         if out is not None:
             try:
                 out.close()

@@ -387,3 +387,32 @@ def test_the_console_irq_reaches_an_in_kernel_irqchip() -> None:
     uart.read(u.UART_IIR, 1)
     vm.close()
     kvm.close()
+
+
+def test_a_reader_that_stops_reading_holds_the_guest_back_only_until_the_vm_stops() -> None:
+    """Console(threaded=True): guest output waits for a slow reader (backpressure) while the VM runs; after
+    release() (the VM is stopping) writers no longer wait, so vCPU threads can end; drain() ends when the
+    reader goes away (EPIPE)."""
+    import os
+    import threading
+    import time
+
+    read_end, write_end = os.pipe()
+    console = Console(os.fdopen(write_end, "wb"), threaded=True, max_pending=4096)
+    line = b"x" * 63 + b"\n"
+
+    def guest() -> None:
+        for _ in range(16384):  # 1 MiB: far more than the pipe and the queue hold
+            console.write(line)
+
+    vcpu = threading.Thread(target=guest, daemon=True)
+    vcpu.start()
+    time.sleep(0.3)
+    assert vcpu.is_alive()  # held back: nobody reads the pipe
+    console.release()
+    vcpu.join(5)
+    assert not vcpu.is_alive()  # let go once the VM stops
+    os.close(read_end)  # the reader goes away: the pending output fails with EPIPE
+    start = time.monotonic()
+    console.drain()
+    assert time.monotonic() - start < 5 and console.out_error is not None

@@ -8,6 +8,9 @@ prompts without a newline must show at once), and on `flush()`, which the run
 loop calls when the VM stops. Output is written as raw bytes: the guest's bytes
 reach the terminal unchanged.
 
+With `threaded=True` (vmctl run) the writes to `out` happen on a writer thread: see
+Console.__init__ and release().
+
 A tail of the output can be kept in memory (`capture=N` bytes) for tests and for
 error reports ("last lines the guest printed"). If `out` fails (closed pipe),
 output to it stops and the console keeps counting and capturing: a host-side
@@ -24,7 +27,7 @@ class Console:
     """Line-buffered sink for guest serial output."""
 
     def __init__(self, out: BinaryIO | None = None, *, line_buffered: bool = True, capture: int = 0,
-                 max_buffer: int = 4096) -> None:
+                 max_buffer: int = 4096, threaded: bool = False, max_pending: int = 1 << 20) -> None:
         self.out = out
         self.line_buffered = line_buffered
         self.capture_limit = capture
@@ -35,6 +38,10 @@ class Console:
         self._flushed = 0
         self._captured = bytearray()
         self._flush_lock = threading.Lock()
+        # threaded: a writer thread does the writes to `out`, so a reader that stops reading (a paused pager, a
+        # full pipe) holds vCPU threads back only while the VM runs: they wait while `max_pending` bytes are
+        # queued, and stop waiting once release() is called (the VM stops), so stops and timeouts still land.
+        self._pump = _OutputPump(self, max_pending) if threaded and out is not None else None
 
     def write(self, data: bytes) -> None:
         # Hot path, once per guest byte: no lock (a threading.Lock costs ~300 ns a round trip here). `+=` on a
@@ -58,14 +65,31 @@ class Console:
                 self._captured += data
                 if len(self._captured) > 2 * self.capture_limit:  # trim rarely, not on every line
                     del self._captured[:-self.capture_limit]
-            if self.out is not None and self.out_error is None:
-                try:
-                    self.out.write(data)
-                    self.out.flush()
-                except OSError as error:
-                    self.out_error = error
-                except ValueError as error:  # write to a closed file object
-                    self.out_error = OSError(str(error))
+            if self._pump is not None:
+                self._pump.put(data)
+            elif self.out is not None and self.out_error is None:
+                self._write_out(data)
+
+    def _write_out(self, data: bytes) -> None:
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except OSError as error:
+            self.out_error = error
+        except ValueError as error:  # write to a closed file object
+            self.out_error = OSError(str(error))
+
+    def release(self) -> None:
+        """Threaded: writers no longer wait for the reader (the VM is stopping); output is still delivered."""
+        if self._pump is not None:
+            self._pump.release()
+
+    def drain(self) -> None:
+        """Flush, and (threaded) wait until everything reached `out` or failed: the end of a run. Ctrl-C
+        (KeyboardInterrupt) interrupts the wait."""
+        self.flush()
+        if self._pump is not None:
+            self._pump.drain()
 
     @property
     def bytes_written(self) -> int:
@@ -80,3 +104,48 @@ class Console:
         with self._flush_lock:
             data = bytes(self._captured) + bytes(self._buf)
         return data[-self.capture_limit:]
+
+
+class _OutputPump:
+    """The writer thread of a threaded Console: queued chunks go to console.out in order."""
+
+    def __init__(self, console: Console, max_pending: int) -> None:
+        self.console = console
+        self.max_pending = max_pending
+        self._chunks: list[bytes] = []
+        self._pending = 0
+        self._released = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="console-out", daemon=True).start()
+
+    def put(self, data: bytes) -> None:
+        with self._cond:
+            while self._pending >= self.max_pending and not self._released and self.console.out_error is None:
+                self._cond.wait(0.1)  # backpressure: the guest waits for its reader, as on a real slow line
+            if self.console.out_error is not None:
+                return
+            self._chunks.append(data)
+            self._pending += len(data)
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        with self._cond:
+            while self._pending and self.console.out_error is None:
+                self._cond.wait(0.1)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._chunks:
+                    self._cond.wait()
+                data = self._chunks.pop(0)
+            if self.console.out_error is None:
+                self.console._write_out(data)
+            with self._cond:
+                self._pending -= len(data)
+                self._cond.notify_all()

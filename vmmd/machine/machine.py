@@ -82,6 +82,7 @@ class Machine:
         self.network = None  # vmmd.net handle with close(), when config.net is set
         self.launch_note: str | None = None  # why the platform reports no launch digest, where it cannot
         self.ctx = ExitContext(self.port_bus, self.mmio_bus)
+        self.stop_listeners: list = []  # called once when the VM starts stopping (see _notify_stopping)
         self._stop: VmStop | None = None
         self._stop_lock = threading.Lock()
         self._done = threading.Event()
@@ -132,7 +133,15 @@ class Machine:
                 self._stop = stop
         if stop is not None:
             self._done.set()
+            self._notify_stopping()
             self.kick_all()
+
+    def _notify_stopping(self) -> None:
+        """Tell `stop_listeners` (once) that the VM is stopping: e.g. a console that holds vCPU threads back while
+        its reader is slow must let them go now, or they could not end."""
+        listeners, self.stop_listeners = self.stop_listeners, []
+        for listener in listeners:
+            listener()
 
     def request_stop(self, kind: str, reason: str, exit_code: ExitCode) -> None:
         """Stop the VM from any thread (console escape, daemon stop request)."""
@@ -187,10 +196,14 @@ class Machine:
         except _Terminate:
             self._record_stop(VmStop("interrupted", "terminated (SIGTERM); VM stopped", ExitCode.INTERRUPTED))
         self._done.set()
+        self._notify_stopping()
         self.kick_all()
         for thread in self._threads:
             while thread.is_alive():
-                thread.join(0.2)
+                try:
+                    thread.join(0.2)
+                except (KeyboardInterrupt, _Terminate):
+                    pass  # already stopping: another signal must not leave vCPU threads running on freed memory
                 self.kick_all()
         seconds = time.monotonic() - start
         stop = self._stop or VmStop("halt", "every vCPU halted", ExitCode.GUEST_HALTED)
