@@ -804,3 +804,26 @@ def test_hot_path_cost(m: Machine) -> None:
     assert m.response() == (0, 0) and m.regs.regs[0] == 0x41
     print(f"CPUID {cpuid_us:.2f} µs, IOIO OUT {ioio_us:.2f} µs per VMGEXIT (guest-side refill {refill:.2f} µs)")
     assert cpuid_us < 20 and ioio_us < 20
+
+
+def test_ghcb_cpuid_answers_with_each_vcpus_own_apic_id() -> None:
+    """The GHCB CPUID and MSR-protocol CPUID answers are the ones KVM gives each vCPU from its own table
+    (CpuidTable.for_vcpu): APIC ID in leaf 1 EBX[31:24] and the x2APIC ID in leaf 0xB EDX."""
+    from vmmd.kvm import Kvm
+    from vmmd.machine.cpuid import build_cpuid_table
+
+    kvm = Kvm()
+    table = build_cpuid_table(kvm.get_supported_cpuid(), 4, "sev-es-emu", 0xE80)
+    kvm.close()
+    m = Machine(vcpu_count=4)
+    m.service = VmgexitService(m.memory, m.ports, m.mmio, table.lookup, c_bit=51, vcpu_count=4,
+                               vcpu_cpuid_lookup=table.vcpu_lookup)
+    for vcpu in range(4):
+        gpa = GHCB_GPA + 0x1000 * vcpu
+        page = m.ghcb(g.SVM_EXIT_CPUID, vcpu=vcpu, gpa=gpa, rax=1, rcx=0)
+        m.run(vcpu=vcpu)
+        own_leaf_1 = next(e for e in table.for_vcpu(vcpu) if e.function == 1)
+        assert page.get(g.RBX) >> 24 == vcpu == own_leaf_1.ebx >> 24
+        m.service.write_ghcb_msr(vcpu, g.cpuid_request(1, 1))  # MSR protocol: leaf 1, EBX
+        m.service.vmgexit(vcpu, None)
+        assert (m.service.ghcb_msr[vcpu] >> 32) >> 24 == vcpu

@@ -59,12 +59,23 @@ class CpuidTable:
         out = []
         for e in self.entries:
             c = uapi.kvm_cpuid_entry2.from_buffer_copy(e)
-            if c.function == 1:
-                c.ebx = (c.ebx & 0x00FF_FFFF) | ((vcpu_index & 0xFF) << 24)
-            elif c.function in (0xB, 0x1F):
-                c.edx = vcpu_index
+            c.eax, c.ebx, c.ecx, c.edx = _per_vcpu(c.function, (c.eax, c.ebx, c.ecx, c.edx), vcpu_index)
             out.append(c)
         return out
+
+    def vcpu_lookup(self, vcpu_index: int, function: int, index: int = 0) -> tuple[int, int, int, int]:
+        """lookup() as vCPU `vcpu_index` sees it: the same values KVM answers from that vCPU's for_vcpu() table,
+        for CPUID answered by vmmd itself (the GHCB service)."""
+        return _per_vcpu(function, self.lookup(function, index), vcpu_index)
+
+
+def _per_vcpu(function: int, regs: tuple[int, int, int, int], vcpu_index: int) -> tuple[int, int, int, int]:
+    eax, ebx, ecx, edx = regs
+    if function == 1:
+        ebx = (ebx & 0x00FF_FFFF) | ((vcpu_index & 0xFF) << 24)
+    elif function in (0xB, 0x1F):
+        edx = vcpu_index
+    return eax, ebx, ecx, edx
 
 
 BRAND_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)

@@ -89,7 +89,8 @@ class SevEsEmuPlatform(Platform):
         self._halt = VmgexitAction.HALT
 
         self.service = VmgexitService(machine.memory, machine.port_bus, machine.mmio_bus, machine.cpuid.lookup,
-                                      c_bit=self.c_bit, vcpu_count=machine.config.cpus)
+                                      c_bit=self.c_bit, vcpu_count=machine.config.cpus,
+                                      vcpu_cpuid_lookup=machine.cpuid.vcpu_lookup)
         ctx.msr_handler = self.handle_msr
         ctx.doorbell_port = self.doorbell_port
         ctx.doorbell = self.doorbell

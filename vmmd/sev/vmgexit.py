@@ -131,13 +131,15 @@ class VmgexitService:
 
     def __init__(self, memory: GuestMemory, port_bus: PortBus, mmio_bus: MmioBus, cpuid_lookup: CpuidLookup,
                  c_bit: int = 0, vcpu_count: int = 1, ghcb_version: int = g.GHCB_VERSION_DEFAULT,
-                 hv_features: int = 0) -> None:
+                 hv_features: int = 0, vcpu_cpuid_lookup: Callable[[int, int, int], tuple] | None = None) -> None:
         if not g.GHCB_VERSION_MIN <= ghcb_version <= g.GHCB_VERSION_MAX:
             raise ValueError(f"GHCB version {ghcb_version} outside {g.GHCB_VERSION_MIN}..{g.GHCB_VERSION_MAX}")
         self.memory = memory
         self.port_bus = port_bus
         self.mmio_bus = mmio_bus
         self.cpuid_lookup = cpuid_lookup
+        # (vcpu index, function, index) -> regs: what that vCPU's own table holds (APIC IDs), as KVM answers it
+        self.vcpu_cpuid_lookup = vcpu_cpuid_lookup
         self.c_bit = c_bit
         self.ghcb_version = ghcb_version
         self.hv_features = hv_features  # KVM answers SNP|AP_CREATION even to SEV-ES guests; we answer the truth (0)
@@ -359,7 +361,10 @@ class VmgexitService:
 
     def _cpuid_values(self, i: int, function: int, index: int) -> list[int]:
         """kvm_cpuid() over the KVM_SET_CPUID2 table, with leaf 0xD EBX sized for the guest's XCR0 (and XSS)."""
-        eax, ebx, ecx, edx = self.cpuid_lookup(function, index)
+        if self.vcpu_cpuid_lookup is not None:
+            eax, ebx, ecx, edx = self.vcpu_cpuid_lookup(i, function, index)
+        else:
+            eax, ebx, ecx, edx = self.cpuid_lookup(function, index)
         if function == 0xD and index <= 1 and (eax | ebx | ecx | edx):
             if index == 0:  # kvm_update_cpuid_runtime(): xstate_required_size(xcr0, false)
                 ebx = self._xsave_size(self._xcr0[i], False)
