@@ -106,6 +106,30 @@ def test_cpuid_table_from_real_kvm() -> None:
     assert plain.lookup(1)[2] & (1 << 31)
 
 
+@pytest.mark.parametrize("vcpus", [1, 2, 3, 4, 8])
+def test_cpuid_topology_is_one_package_of_single_thread_cores(vcpus: int) -> None:
+    """Leaves 1, 4 and 0xB agree with --cpus for every vCPU, and KVM takes each vCPU's table."""
+    kvm = Kvm()
+    table = build_cpuid_table(kvm.get_supported_cpuid(), vcpus, "plain")
+    core_bits = (vcpus - 1).bit_length()
+    eax, ebx, ecx, edx = table.lookup(1)
+    assert (ebx >> 16) & 0xFF == vcpus and bool(edx & (1 << 28)) == (vcpus > 1)  # count, HTT
+    for sub in range(8):
+        eax4 = table.lookup(4, sub)[0]
+        if eax4 & 0x1F:
+            assert eax4 >> 26 == (1 << core_bits) - 1
+            assert (eax4 >> 14) & 0xFFF == ((1 << core_bits) - 1 if (eax4 >> 5) & 7 >= 3 else 0)
+    vm = kvm.create_vm()
+    for index in range(vcpus):
+        if table.lookup(0xB, 0) != (0, 0, 0, 0):  # KVM offers leaf 0xB: ours, per subleaf
+            smt, core, end = (table.vcpu_lookup(index, 0xB, sub) for sub in range(3))
+            assert smt[1:3] == (1, 1 << 8) and smt[3] == index
+            assert core == (core_bits, vcpus, 1 | 2 << 8, index) and end[2] == 2
+        vm.create_vcpu(index).set_cpuid2(table.for_vcpu(index))
+    vm.close()
+    kvm.close()
+
+
 def test_vcpu_accepts_table(tmp_path) -> None:
     kvm = Kvm()
     table = build_cpuid_table(kvm.get_supported_cpuid(), 1, "sev-es-emu", L.DOORBELL_PORT)

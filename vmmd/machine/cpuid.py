@@ -70,12 +70,50 @@ class CpuidTable:
 
 
 def _per_vcpu(function: int, regs: tuple[int, int, int, int], vcpu_index: int) -> tuple[int, int, int, int]:
+    """The leaves that name the asking vCPU: its APIC ID (leaf 1), x2APIC ID (0xB, 0x1F) and, on AMD, its
+    extended APIC ID and core ID (0x8000001E)."""
     eax, ebx, ecx, edx = regs
     if function == 1:
         ebx = (ebx & 0x00FF_FFFF) | ((vcpu_index & 0xFF) << 24)
     elif function in (0xB, 0x1F):
         edx = vcpu_index
+    elif function == 0x8000_001E:
+        eax, ebx = vcpu_index, (ebx & ~0xFF) | (vcpu_index & 0xFF)
     return eax, ebx, ecx, edx
+
+
+# The topology vmmd presents: one package of `vcpus` cores, one thread each, APIC ID = vCPU index (as QEMU's
+# -smp N with its defaults on one socket). Leaf encodings: Intel SDM vol. 2A CPUID leaves 01H, 04H, 0BH, 1FH;
+# AMD APM vol. 3 E.4.7 (8000_0008h ECX) and E.4.15 (8000_001Eh); QEMU target/i386/cpu.c cpu_x86_cpuid().
+CPUID_1_EDX_HTT = 1 << 28
+TOPOLOGY_LEAVES = (0xB, 0x1F)
+LEVEL_SMT, LEVEL_CORE = 1, 2  # leaf 0BH ECX[15:8] level types
+
+
+def _topology_leaves(function: int, vcpus: int) -> list[uapi.kvm_cpuid_entry2]:
+    """Leaf 0BH / 1FH subleaves: SMT (1 thread per core), core (`vcpus` cores), then the invalid level."""
+    core_bits = (vcpus - 1).bit_length()
+    flag = uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    return [_entry(function, 0, eax=0, ebx=1, ecx=0 | LEVEL_SMT << 8, flags=flag),
+            _entry(function, 1, eax=core_bits, ebx=vcpus, ecx=1 | LEVEL_CORE << 8, flags=flag),
+            _entry(function, 2, eax=0, ebx=0, ecx=2, flags=flag)]
+
+
+def _apply_topology(c: uapi.kvm_cpuid_entry2, vcpus: int, amd: bool) -> None:
+    """Rewrite one supported entry (in place) for the presented topology; the host's own is meaningless here."""
+    core_bits = (vcpus - 1).bit_length()
+    if c.function == 1:
+        c.ebx = (c.ebx & 0xFF00_FFFF) | ((min(vcpus, 255) & 0xFF) << 16)
+        c.edx = c.edx | CPUID_1_EDX_HTT if vcpus > 1 else c.edx & ~CPUID_1_EDX_HTT
+    elif c.function == 4 and c.eax & 0x1F:  # a cache descriptor: cores per package, sharing per level
+        level = (c.eax >> 5) & 0x7
+        sharing = (1 << core_bits) - 1 if level >= 3 else 0
+        c.eax = (c.eax & 0x0000_3FFF) | (sharing << 14) | (((1 << core_bits) - 1) << 26)
+    elif c.function == 0x8000_0008 and amd:
+        c.ecx = (c.ecx & ~0xF0FF) | (core_bits << 12) | ((vcpus - 1) & 0xFF)
+    elif c.function == 0x8000_001E:
+        c.ebx &= ~0xFF00  # one thread per core
+        c.ecx = 0  # node 0, one node per processor
 
 
 BRAND_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)
@@ -85,18 +123,26 @@ def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, p
                       doorbell_port: int = 0, host_cpuid=None) -> CpuidTable:
     """Filter KVM's supported CPUID for this machine.
 
-    - leaf 1: hypervisor bit set, logical processor count = vcpu_count;
+    - leaf 1: hypervisor bit set; topology (leaves 1, 4, 0xB, 0x1F, 0x80000008, 0x8000001E): one package of
+      vcpu_count single-thread cores, APIC ID = vCPU index (per-vCPU values: CpuidTable.for_vcpu);
     - brand string (0x80000002..4): the host's, as QEMU's -cpu host does, where KVM reports it empty
       and `host_cpuid(leaf)` is given;
     - leaf 0x8000001F (AMD memory encryption) only on sev-es, as the hardware reports it;
     - the emulator's signature leaves only on sev-es-emu.
     """
     entries = []
+    amd = any(e.function == 0 and e.ebx == 0x6874_7541 for e in supported)  # "Auth"enticAMD
+    topology_done: set[int] = set()
     for e in supported:
         c = uapi.kvm_cpuid_entry2.from_buffer_copy(e)
+        if c.function in TOPOLOGY_LEAVES:
+            if c.function not in topology_done:  # KVM gives a template; the subleaves are ours
+                topology_done.add(c.function)
+                entries.extend(_topology_leaves(c.function, vcpu_count))
+            continue
+        _apply_topology(c, vcpu_count, amd)
         if c.function == 1:
             c.ecx |= CPUID_1_ECX_HYPERVISOR
-            c.ebx = (c.ebx & 0xFF00_FFFF) | ((min(vcpu_count, 255) & 0xFF) << 16)
         if c.function == 0x8000001F and platform != "sev-es":
             continue
         if EMU_LEAF_BASE <= c.function < EMU_LEAF_BASE + 0x100:
