@@ -31,6 +31,8 @@
 #define VMMD_MEM_RAM      1 /* private guest RAM */
 #define VMMD_MEM_RESERVED 2 /* VMM structures: page tables, GDT, boot info, stacks */
 #define VMMD_MEM_SHARED   3 /* pages the guest shares with the host (GHCB, device buffers) */
+/* mem_ranges may nest: the SHARED ranges (GHCB pages, device buffers) lie inside the RESERVED first MiB.
+ * Where ranges overlap, the later entry is the more specific one and wins. */
 
 #define VMMD_MAX_MEM_RANGES 16
 
