@@ -93,6 +93,10 @@ def test_loader_c_bit_clear_on_shared_pages(tmp_path) -> None:
     assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.BOOTINFO_GPA >> 12)) & c
 
 
+def supported_leaf_1_edx(supported) -> int:
+    return next(e.edx for e in supported if e.function == 1)
+
+
 def test_cpuid_table_from_real_kvm() -> None:
     supported = Kvm().get_supported_cpuid()
     emu = build_cpuid_table(supported, 2, "sev-es-emu", L.DOORBELL_PORT)
@@ -104,6 +108,11 @@ def test_cpuid_table_from_real_kvm() -> None:
     assert plain.lookup(0x8000001F) == (0, 0, 0, 0)
     assert emu.for_vcpu(1)[[e.function for e in emu.entries].index(1)].ebx >> 24 == 1
     assert plain.lookup(1)[2] & (1 << 31)
+    for table in (plain, emu):  # no in-kernel LAPIC on these platforms: none advertised
+        assert not table.lookup(1)[3] & (1 << 9) and not table.lookup(1)[2] & ((1 << 21) | (1 << 24))
+        assert not table.lookup(0x8000_0001)[3] & (1 << 9)
+    sev = build_cpuid_table(supported, 1, "sev-es")
+    assert sev.lookup(1)[3] & (1 << 9) == supported_leaf_1_edx(supported) & (1 << 9)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2, 3, 4, 8])

@@ -86,6 +86,9 @@ def _per_vcpu(function: int, regs: tuple[int, int, int, int], vcpu_index: int) -
 # -smp N with its defaults on one socket). Leaf encodings: Intel SDM vol. 2A CPUID leaves 01H, 04H, 0BH, 1FH;
 # AMD APM vol. 3 E.4.7 (8000_0008h ECX) and E.4.15 (8000_001Eh); QEMU target/i386/cpu.c cpu_x86_cpuid().
 CPUID_1_EDX_HTT = 1 << 28
+CPUID_1_EDX_APIC = 1 << 9
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
 TOPOLOGY_LEAVES = (0xB, 0x1F)
 LEVEL_SMT, LEVEL_CORE = 1, 2  # leaf 0BH ECX[15:8] level types
 
@@ -128,6 +131,7 @@ def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, p
     - brand string (0x80000002..4): the host's, as QEMU's -cpu host does, where KVM reports it empty
       and `host_cpuid(leaf)` is given;
     - leaf 0x8000001F (AMD memory encryption) only on sev-es, as the hardware reports it;
+    - APIC, x2APIC and TSC-deadline bits only on sev-es, the platform with an in-kernel irqchip (LAPIC);
     - the emulator's signature leaves only on sev-es-emu.
     """
     entries = []
@@ -143,6 +147,11 @@ def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, p
         _apply_topology(c, vcpu_count, amd)
         if c.function == 1:
             c.ecx |= CPUID_1_ECX_HYPERVISOR
+            if platform != "sev-es":  # no in-kernel irqchip, so no local APIC to advertise (QEMU -cpu ...,-apic)
+                c.ecx &= ~(CPUID_1_ECX_X2APIC | CPUID_1_ECX_TSC_DEADLINE)
+                c.edx &= ~CPUID_1_EDX_APIC
+        if c.function == 0x8000_0001 and platform != "sev-es":
+            c.edx &= ~CPUID_1_EDX_APIC  # AMD mirrors the APIC bit here
         if c.function == 0x8000001F and platform != "sev-es":
             continue
         if EMU_LEAF_BASE <= c.function < EMU_LEAF_BASE + 0x100:

@@ -160,6 +160,11 @@ class Machine:
     def _vcpu_thread(self, vcpu) -> None:
         stop = run_vcpu(vcpu, self.ctx, self._done.is_set)
         self._record_stop(stop)
+        with self._stop_lock:
+            self._vcpus_running -= 1
+            last = self._vcpus_running == 0
+        if last:
+            self._done.set()  # every vCPU halted: wake run() now rather than at its next poll
 
     def run(self) -> VmResult:
         """Run until the guest ends, the timeout passes or SIGINT/SIGTERM arrives."""
@@ -178,6 +183,7 @@ class Machine:
         start = time.monotonic()
         self._threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}", daemon=True)
                          for v in self.vcpus]
+        self._vcpus_running = len(self._threads)
         for thread in self._threads:
             thread.start()
         deadline = None if self.config.timeout is None else start + self.config.timeout
