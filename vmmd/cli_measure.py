@@ -125,6 +125,7 @@ def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init
           vmsa_features: str, memory: str = "64M", c_bit: int = 51) -> tuple[LaunchPlan, Path]:
     """The launch plan of an image, or of a guest definition: its firmware, memory, vCPUs, guest_arg and policy,
     unless an option given on the command line says otherwise."""
+    from vmmd.machine import layout as L
     from vmmd.machine.config import parse_size
     from vmmd.machine.loader import RESET_VECTOR, firmware_kind, read_image_file
     from vmmd.sev.cpu_types import resolve_cpu_sig
@@ -152,7 +153,8 @@ def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init
         except ValueError as err:
             raise VmmdError(str(err)) from None
         return plan, firmware
-    image = read_image_file(firmware, 16 << 20, too_large="an OVMF image may have at most 16 MiB")
+    image = read_image_file(firmware, L.RESET_VECTOR_MAX_BYTES,
+                            too_large=f"an OVMF image may have at most {L.RESET_VECTOR_MAX_BYTES >> 20} MiB")
     if not is_ovmf_image(image):
         raise VmmdError(f"{firmware} changed while it was read")
     try:

@@ -18,6 +18,7 @@ SHARED_SIZE = 0x40000
 STACKS_GPA = 0x60000  # vCPU n's stack: [STACKS_GPA + n*STACK_SIZE, + STACK_SIZE)
 STACK_SIZE = 0x4000
 FIRMWARE_LOAD_GPA = 0x100000  # flat images load and start here
+RESET_VECTOR_MAX_BYTES = 16 << 20  # a reset-vector image (OVMF) ends at 4 GiB and may be this large
 
 CONSOLE_PORT = 0x3F8  # COM1, 8 registers
 CONSOLE_IRQ = 4  # COM1's ISA IRQ, raised through the in-kernel irqchip where the platform has one

@@ -68,13 +68,10 @@ def firmware_kind(path: str | os.PathLike, requested: str = "auto") -> str:
     from vmmd.sev.ovmf import is_ovmf_image  # the OVMF footer-table format
 
     try:
-        fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
-        return FLAT  # read_firmware() reports the problem with its own message
+        fd, st = _open_image(path, "firmware")
+    except VmmdError:
+        return FLAT  # read_firmware() reports the problem (missing, a device, a FIFO ...) without reading
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return FLAT  # ... as for a device or FIFO, which it refuses without reading
         tail = os.pread(fd, 64, max(0, st.st_size - 64))
     except OSError:
         return FLAT
@@ -89,7 +86,7 @@ def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike, rea
     as QEMU maps -bios as RAM when kvm_readonly_mem_allowed is false); the vCPU starts from the x86 reset
     state at 0xFFFFFFF0."""
     p = os.fspath(path)
-    data = read_firmware(p, memory.ram_bytes, limit=16 << 20)
+    data = read_firmware(p, memory.ram_bytes, limit=L.RESET_VECTOR_MAX_BYTES)
     if len(data) % PAGE_SIZE:
         raise VmmdError(f"reset-vector firmware {p} is {len(data)} bytes, not a multiple of 4 KiB: it must end "
                         "exactly at 4 GiB")
@@ -105,12 +102,10 @@ def load_reset_vector_firmware(memory: GuestMemory, path: str | os.PathLike, rea
 RESET_VECTOR_GPA = 0xFFFF_FFF0
 
 
-def read_image_file(path: str | os.PathLike, limit: int, what: str = "firmware", too_large: str = "") -> bytes:
-    """The bytes of a regular file of at most `limit` bytes, with errors that say what is wrong (`too_large`:
-    what to say about a larger file, after its path).
+def _open_image(path: str | os.PathLike, what: str) -> tuple[int, os.stat_result]:
+    """An image file opened for reading, with its stat; VmmdError saying what is wrong unless it is a regular file.
 
-    Devices and FIFOs are refused before reading (O_NONBLOCK: opening a FIFO does not wait for a writer;
-    /dev/zero would never end), and nothing larger than `limit` is read."""
+    O_NONBLOCK: opening a FIFO does not wait for a writer (and a device is refused before any read)."""
     p = os.fspath(path)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -129,6 +124,21 @@ def read_image_file(path: str | os.PathLike, limit: int, what: str = "firmware",
             raise VmmdError(f"{what} {p} is a directory, not an image file")
         if not stat.S_ISREG(st.st_mode):
             raise VmmdError(f"{what} {p} is not a regular file (a device or FIFO is not an image)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_image_file(path: str | os.PathLike, limit: int, what: str = "firmware", too_large: str = "") -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, with errors that say what is wrong (`too_large`:
+    what to say about a larger file, after its path).
+
+    Devices and FIFOs are refused before reading (O_NONBLOCK: opening a FIFO does not wait for a writer;
+    /dev/zero would never end), and nothing larger than `limit` is read."""
+    p = os.fspath(path)
+    fd, st = _open_image(p, what)
+    try:
         if st.st_size > limit:
             raise VmmdError(f"{what} {p} is {st.st_size} bytes: " + (too_large or f"more than the {limit} allowed"))
         with os.fdopen(fd, "rb", closefd=False) as image:

@@ -24,6 +24,7 @@ from pathlib import Path
 from vmmd.errors import VmmdError
 from vmmd.hostcpu import host_cpuid
 from vmmd.kvm.uapi import KVM_CAP_VM_TYPES, KVM_CAP_X86_MSR_FILTER, KVM_CAP_X86_USER_SPACE_MSR
+from vmmd.machine import layout as L
 from vmmd.sev import uapi
 
 KVM_DEVICE = "/dev/kvm"
@@ -142,7 +143,6 @@ def _sev_facts() -> dict:
     return facts
 
 
-LARGEST_MEASURED_REGION = 16 << 20  # vmmd.machine.loader: a reset-vector image is at most 16 MiB
 
 
 def _memlock_facts(memory_bytes: int | None) -> dict:
@@ -157,7 +157,7 @@ def _memlock_facts(memory_bytes: int | None) -> dict:
     unlimited = soft == resource.RLIM_INFINITY
     # sev_pin_memory(): REG_REGION pins guest RAM, and LAUNCH_UPDATE_DATA pins each measured region again while
     # it runs; the largest region is the firmware image, at most the 16 MiB a reset-vector image may have.
-    needed = None if memory_bytes is None else memory_bytes + LARGEST_MEASURED_REGION
+    needed = None if memory_bytes is None else memory_bytes + L.RESET_VECTOR_MAX_BYTES
     facts = {"soft": None if unlimited else soft, "hard": None if hard == resource.RLIM_INFINITY else hard,
              "cap_ipc_lock": cap_ipc_lock, "guest_bytes": memory_bytes, "needed_bytes": needed}
     facts["sufficient"] = (cap_ipc_lock or unlimited or needed is None or soft >= needed)

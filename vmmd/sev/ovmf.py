@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from vmmd.errors import VmmdError
+from vmmd.machine.layout import RESET_VECTOR_MAX_BYTES
 from vmmd.sev.vmsa import VcpuState, x86_reset_state
 
 FOUR_GIB = 1 << 32
@@ -87,7 +88,7 @@ class OvmfImage:
         size = len(data)
         if size == 0 or size % _PAGE:
             raise VmmdError(f"firmware image size {size} is not a non-zero multiple of 4 KiB")
-        if size > end_gpa or size > 16 << 20:
+        if size > end_gpa or size > RESET_VECTOR_MAX_BYTES:
             raise VmmdError(f"firmware image of {size} bytes is too large to map below {end_gpa:#x}")
         raw = bytes(data)
         return cls(data=raw, gpa=end_gpa - size, table=parse_footer_table(raw))
