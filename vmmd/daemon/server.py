@@ -536,8 +536,8 @@ class Daemon:
             pass
 
     def _kill(self, guest: Guest, reason: str) -> None:
-        """SIGKILL the guest's worker; before it has one (a start waiting for a worker), record the kill so the
-        start ends the guest instead of sending it on its way."""
+        """SIGKILL the guest's worker, recording why so the end names it. (A start still waiting for a worker
+        has none; _stop ends such a guest itself.)"""
         guest.stop_mode, guest.stop_reason = "kill", reason
         self.registry.log_event(guest, reason)
         if guest.worker is not None:

@@ -26,8 +26,8 @@ KVM_DEVICE = "/dev/kvm"
 # Pages KVM needs for VMX without unrestricted guest (a TSS and an identity-map page table for real mode): as QEMU
 # target/i386/kvm/kvm.c kvm_arch_init() places them since it "allows up to 16M BIOSes", below the 16 MiB a
 # reset-vector image may take at the top of 4 GiB and above vmmd's MMIO windows (0xFEB00000..).
-IDENTITY_MAP_GPA = 0xFEFF_C000
 TSS_ADDR_GPA = 0xFEFF_D000  # 3 pages
+IDENTITY_MAP_GPA = TSS_ADDR_GPA - 0x1000  # the page just below, as QEMU has them
 
 
 class KvmError(VmmdError):
@@ -187,9 +187,7 @@ class Vm:
         """KVM_SET_TSS_ADDR, and (before it, as QEMU does) KVM_SET_IDENTITY_MAP_ADDR where the kernel has it:
         otherwise KVM puts the identity map at TSS - 4 KiB by itself. Before any vCPU exists (api.rst)."""
         if self.kvm.check_extension(uapi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-            _ioctl(self.fd, io.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(IDENTITY_MAP_GPA if gpa == TSS_ADDR_GPA
-                                                                            else gpa - 0x1000),
-                   "KVM_SET_IDENTITY_MAP_ADDR")
+            _ioctl(self.fd, io.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(gpa - 0x1000), "KVM_SET_IDENTITY_MAP_ADDR")
         _ioctl_ulong(self.fd, io.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")
 
     def create_irqchip(self) -> None:

@@ -160,7 +160,7 @@ class Machine:
     def _vcpu_thread(self, vcpu) -> None:
         stop = run_vcpu(vcpu, self.ctx, self._done.is_set)
         self._record_stop(stop)
-        with self._stop_lock:
+        with self._stop_lock:  # a count, not is_alive(): two vCPUs ending together would each see the other alive
             self._vcpus_running -= 1
             last = self._vcpus_running == 0
         if last:
