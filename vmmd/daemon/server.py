@@ -332,10 +332,10 @@ class Daemon:
         try:
             worker = await self.zygote.take()
         except Exception as err:
+            why = f"no worker process could be started: {err or type(err).__name__}"
             if guest.starts == this_start and guest.state in ACTIVE:
-                self._fail(guest, f"no worker process could be started: {err or type(err).__name__}")
-            raise _RequestError("EAGAIN", f"no worker process could be started: {err or type(err).__name__}") \
-                from None
+                self._fail(guest, why)
+            raise _RequestError("EAGAIN", why) from None
         if guest.starts != this_start or guest.state not in ACTIVE:  # stopped (and maybe restarted) meanwhile
             worker.close()
             raise _RequestError("ECANCELED", f"guest {guest.name!r} was stopped before it started")
@@ -381,10 +381,7 @@ class Daemon:
         guest.state, guest.error, guest.ended_at = "failed", error, time.time()
         self.registry.log_event(guest, f"failed: {error}")
         self._release(guest)
-        for waiter in guest.waiters:  # a stop waiting for this guest's end has it now
-            if not waiter.done():
-                waiter.set_result(None)
-        guest.waiters.clear()
+        self._wake_waiters(guest)  # a stop waiting for this guest's end has it now
         self._changed()
 
     def _changed(self) -> None:
@@ -509,11 +506,16 @@ class Daemon:
         for writer in list(guest.watchers):
             writer.close()
         guest.watchers.clear()
+        self._wake_waiters(guest)
+        self._changed()
+
+    @staticmethod
+    def _wake_waiters(guest: Guest) -> None:
+        """Resolve every _wait_end() of this guest: it has ended (or failed to start)."""
         for waiter in guest.waiters:
             if not waiter.done():
                 waiter.set_result(None)
         guest.waiters.clear()
-        self._changed()
 
     def _release(self, guest: Guest) -> None:
         worker, guest.worker = guest.worker, None
@@ -573,16 +575,15 @@ class Daemon:
             guest.state = "stopping"
             if guest.stop_mode != "kill":  # a second force changes nothing
                 self._kill(guest, f"killed by vmctl stop --force (SIGKILL, uid {peer.uid})")
-        elif guest.stop_mode is None:  # the first stop request; later ones wait for it (never downgrade a kill)
-            guest.state, guest.stop_mode = "stopping", "stop"
-            guest.stop_reason = f"stopped by vmctl stop (uid {peer.uid})"
-            self.registry.log_event(guest, f"stop requested by uid {peer.uid}")
-            self._send_stop(guest)
-            self._changed()
+        else:
+            if guest.stop_mode is None:  # the first stop request; later ones wait for it (never downgrade a kill)
+                guest.state, guest.stop_mode = "stopping", "stop"
+                guest.stop_reason = f"stopped by vmctl stop (uid {peer.uid})"
+                self.registry.log_event(guest, f"stop requested by uid {peer.uid}")
+                self._send_stop(guest)
+                self._changed()
             if not await self._wait_end(guest, timeout) and guest.stop_mode == "stop":
                 self._kill(guest, f"did not stop within {timeout:g} s of vmctl stop; killed (SIGKILL)")
-        elif not await self._wait_end(guest, timeout) and guest.stop_mode == "stop":
-            self._kill(guest, f"did not stop within {timeout:g} s of vmctl stop; killed (SIGKILL)")
         await self._wait_end(guest, 10.0)
         return P.ok(guest=guest.summary())
 
