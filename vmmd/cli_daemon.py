@@ -26,7 +26,8 @@ from pathlib import Path
 
 import click
 
-from vmmd.daemon.protocol import SOCKET_ENV, Client, DaemonError
+from vmmd.daemon.protocol import ACTIVE, SOCKET_ENV, Client, DaemonError
+from vmmd.errors import ExitCode
 
 EXIT_REFUSED, EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_NOPERM = 1, 3, 69, 77
 DETACH_BYTE = b"\x1d"  # Ctrl-], as virsh console and telnet
@@ -125,7 +126,7 @@ def format_table(guests: list[dict]) -> str:
     """The `vmctl list` table (one row per guest, the end reason last and untruncated)."""
     header = ("NAME", "STATE", "OWNER", "PLATFORM", "MEMORY", "VCPUS", "PID", "UPTIME", "END")
     rows = [header] + [(g["name"], g["state"], _user(g["owner"]), g["platform"], _size(g["memory_bytes"]),
-                        str(g["vcpus"]), str(g["pid"]) if g["state"] in ("starting", "running", "stopping")
+                        str(g["vcpus"]), str(g["pid"]) if g["state"] in ACTIVE
                         and g["pid"] else "-", _duration(g.get("uptime")), _end_text(g)) for g in guests]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
@@ -263,7 +264,7 @@ def show_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
         lines.append(("running on", guest["platform_note"]))
     if guest.get("launch_digest"):
         lines.append(("launch digest", guest["launch_digest"]))
-    if guest.get("pid") and guest["state"] in ("starting", "running", "stopping"):
+    if guest.get("pid") and guest["state"] in ACTIVE:
         lines.append(("pid", str(guest["pid"])))
     for key, label in (("started_at", "started"), ("ended_at", "ended")):
         if guest.get(key):
@@ -299,12 +300,12 @@ def console_cmd(name: str, no_replay: bool, socket_path: str | None) -> None:
     except DaemonError as err:
         _die(err)
     state = reply.get("guest", {}).get("state")
-    if state not in ("starting", "running", "stopping"):
+    if state not in ACTIVE:
         click.echo(f"vmctl: guest {name} is {state}: its console history follows", err=True)
     with _interrupt_leaves_guest_running(name):
         detached = _attach(client, name)
     client.close()
-    if not detached and state in ("starting", "running", "stopping"):
+    if not detached and state in ACTIVE:
         _report_end(_after_stream(socket_path, name), False)
 
 
@@ -315,7 +316,7 @@ def _interrupt_leaves_guest_running(name: str):
         yield
     except KeyboardInterrupt:
         click.echo(f"\nvmctl: interrupted; guest {name} keeps running (vmctl stop {name} ends it)", err=True)
-        sys.exit(130)
+        sys.exit(int(ExitCode.INTERRUPTED))
 
 
 def _after_stream(socket_path: str | None, name: str) -> dict:

@@ -31,6 +31,9 @@ SOCKET_ENV = "VMMD_SOCKET"
 MAX_REQUEST = 64 * 1024  # bytes per request line, newline included; a TOML definition fits easily
 MAX_REPLY = 16 * 1024 * 1024  # the client refuses replies larger than this
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# Guest states in replies (docs/daemon.md "Guest states and ends"); ACTIVE: a worker is (being) assigned.
+STATES = ("defined", "starting", "running", "stopping", "stopped", "failed")
+ACTIVE = ("starting", "running", "stopping")
 
 # op -> {field: (type or tuple of types, required)}. Fields not listed are refused.
 OPS: dict[str, dict[str, tuple[Any, bool]]] = {

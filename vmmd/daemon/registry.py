@@ -18,9 +18,8 @@ from typing import Any
 from vmmd.errors import ExitCode
 
 from .definitions import DefinitionError, GuestDefinition, load_directory, parse_definition
+from .protocol import ACTIVE, STATES
 
-STATES = ("defined", "starting", "running", "stopping", "stopped", "failed")
-ACTIVE = ("starting", "running", "stopping")
 LOG_ROTATE_BYTES = 8 << 20  # NAME.log is renamed to NAME.log.1 beyond this
 
 

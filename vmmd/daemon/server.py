@@ -25,7 +25,8 @@ from vmmd.errors import ExitCode
 from . import protocol as P
 from .auth import AccessDenied, Peer, Policy, open_for, peer_of
 from .definitions import DefinitionError, GuestDefinition, parse_definition
-from .registry import ACTIVE, ConsoleRing, Guest, Registry
+from .protocol import ACTIVE
+from .registry import ConsoleRing, Guest, Registry
 from .sdnotify import notify
 from .worker import (
     MAX_MESSAGE,
