@@ -19,6 +19,7 @@ write error never stops the guest.
 
 from __future__ import annotations
 
+import collections
 import threading
 from typing import BinaryIO
 
@@ -112,7 +113,7 @@ class _OutputPump:
     def __init__(self, console: Console, max_pending: int) -> None:
         self.console = console
         self.max_pending = max_pending
-        self._chunks: list[bytes] = []
+        self._chunks: collections.deque[bytes] = collections.deque()  # one chunk per byte when interactive
         self._pending = 0
         self._released = False
         self._cond = threading.Condition()
@@ -143,7 +144,7 @@ class _OutputPump:
             with self._cond:
                 while not self._chunks:
                     self._cond.wait()
-                data = self._chunks.pop(0)
+                data = self._chunks.popleft()
             if self.console.out_error is None:
                 self.console._write_out(data)
             with self._cond:

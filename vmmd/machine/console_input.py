@@ -8,6 +8,7 @@ terminal is restored however the run ends.
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import termios
@@ -41,7 +42,7 @@ class PacedInput:
         self.limit = limit
         self.stored = 0
         self.dropped = 0
-        self._pending: list[bytes] = []
+        self._pending: collections.deque[bytes] = collections.deque()
         self._pending_bytes = 0
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -66,7 +67,7 @@ class PacedInput:
                     self._lock.wait(0.5)
                 if self._stop.is_set():
                     return
-                data = self._pending.pop(0)
+                data = self._pending.popleft()
                 self._pending_bytes -= len(data)
             self.stored += feed_paced(self.uart, data, self._stop)
 
