@@ -39,8 +39,6 @@ def _definition(config_or_firmware: Path):
     """The guest definition (docs/daemon.md) when the argument is a .toml file, else None."""
     if config_or_firmware.suffix != ".toml":
         return None
-    import os
-
     from vmmd.daemon.definitions import DefinitionError, parse_definition
 
     try:
