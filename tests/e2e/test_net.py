@@ -6,7 +6,6 @@ must print the reply, which carries a token made up per test run."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
@@ -16,26 +15,19 @@ import threading
 import pytest
 
 from tests.e2e.conftest import REPO, guest
-from vmmd.net.tap import net_admin_unavailable_reason
+from tests.netns import scratch_netns
 
 IP_FREEBIND = 15  # linux/in.h: bind before the address exists (vmmd puts it on the tap later)
 
 
 @pytest.fixture
 def netns_name():
-    reason = net_admin_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    from pyroute2 import NetNS, netns
+    from pyroute2 import NetNS
 
-    name = f"vmmd-test-{os.getpid()}-{secrets.token_hex(3)}"
-    netns.create(name)
-    try:
+    with scratch_netns("vmmd-test") as name:
         with NetNS(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         yield name
-    finally:
-        netns.remove(name)
 
 
 def in_netns(name, fn):

@@ -4,17 +4,16 @@ configuration, removal on close, and the daemon's start-up sweep after a worker 
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from tests.netns import scratch_netns
 from vmmd.errors import VmmdError
 from vmmd.net import names
 from vmmd.net.attach import parse_net_spec
-from vmmd.net.tap import net_admin_unavailable_reason
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,19 +65,14 @@ def test_parse_net_spec():
 # --- real taps -------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def ns():
-    reason = net_admin_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     from pyroute2 import netns
 
-    name = f"vmmd-tap-{os.getpid()}-{secrets.token_hex(3)}"
-    netns.create(name)
-    netns.pushns(name)  # this thread now lives in the namespace: every tap and IPRoute below is created there
-    try:
-        yield name
-    finally:
-        netns.popns()
-        netns.remove(name)
+    with scratch_netns("vmmd-tap") as name:
+        netns.pushns(name)  # this thread now lives in the namespace: every tap and IPRoute below is created there
+        try:
+            yield name
+        finally:
+            netns.popns()
 
 
 def link(name):
