@@ -93,7 +93,7 @@ def run_vmmd_guest(path: Path, guest_arg: int, platform: str = "plain", memory: 
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig
     from vmmd.machine.machine import Machine
-    from vmmd.machine.platform import select_platform
+    from vmmd.platforms import select_platform
 
     console = Console(None, capture=4096)
     chosen, _ = select_platform(platform)

@@ -76,8 +76,8 @@ def bare_ioctl_loop(guest: Path) -> callable:
     from vmmd.kvm.ioctls import KVM_RUN
     from vmmd.machine.config import MachineConfig
     from vmmd.machine.machine import Machine
-    from vmmd.machine.platform import select_platform
     from vmmd.machine.runloop import handle_exit, run_vcpu
+    from vmmd.platforms import select_platform
 
     def timed(n: int) -> float:
         chosen, _ = select_platform("plain")

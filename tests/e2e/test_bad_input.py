@@ -94,7 +94,7 @@ def test_unknown_platform_is_a_usage_error() -> None:
 
 
 def test_sev_es_without_hardware_fails_before_creating_anything() -> None:
-    from vmmd.machine.platform import sev_es_unavailable_reason
+    from vmmd.platforms import sev_es_unavailable_reason
 
     reason = sev_es_unavailable_reason()
     if reason is None:

@@ -13,8 +13,8 @@ from vmmd.kvm import exits
 from vmmd.kvm.system import byte_port_key
 from vmmd.machine.config import MachineConfig
 from vmmd.machine.machine import Machine
-from vmmd.machine.platform import select_platform
 from vmmd.machine.runloop import handle_exit
+from vmmd.platforms import select_platform
 
 pytestmark = pytest.mark.timeout(60)
 LOOPS = 300

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vmmd.cli_measure import measure_cmd
+from vmmd.cli.measure import measure_cmd
 from vmmd.sev import vmsa as V
 from vmmd.sev.measure import build_ovmf_plan, launch_digest
 from vmmd.sev.ovmf import SEV_ES_RESET_BLOCK_GUID, parse_footer_table

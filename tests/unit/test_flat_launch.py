@@ -13,10 +13,9 @@ import pytest
 from vmmd.machine.config import MachineConfig
 from vmmd.machine.loader import load_flat_firmware
 from vmmd.machine.machine import Machine
-from vmmd.machine.platform import SevEsEmuPlatform
 from vmmd.memory import GuestMemory
 from vmmd.sev.launch import BackendCaps, SevEsLaunch, SevModel
-from vmmd.sev.platform import LaunchInputs, adopt_capabilities, flat_image_digest, flat_launch_plan
+from vmmd.sev.platform import LaunchInputs, SevEsEmuPlatform, adopt_capabilities, flat_image_digest, flat_launch_plan
 from vmmd.sev.psp import PlatformStatus
 from vmmd.sev.uapi import SEV_STATUS_FLAGS_CONFIG_ES
 from vmmd.sev.vmsa import SVM_SEV_FEAT_DEBUG_SWAP, build_vmsa

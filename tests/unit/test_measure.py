@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from vmmd.cli_measure import measure_cmd, verify_cmd
+from vmmd.cli.measure import measure_cmd, verify_cmd
 from vmmd.errors import VmmdError
 from vmmd.sev import cpu_types, measure, ovmf
 from vmmd.sev.vmsa import VMSA_PAGE_SIZE

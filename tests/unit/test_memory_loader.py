@@ -183,8 +183,7 @@ def test_aps_wait_for_sipi_under_the_in_kernel_irqchip_until_made_runnable() -> 
 @pytest.mark.parametrize("read_only", [True, False])
 def test_reset_vector_image_ends_at_4_gib_read_only_unless_the_platform_cannot(tmp_path, read_only: bool) -> None:
     from vmmd.machine.loader import load_reset_vector_firmware
-    from vmmd.machine.platform import SevEsEmuPlatform
-    from vmmd.sev.platform import SevEsPlatform
+    from vmmd.sev.platform import SevEsEmuPlatform, SevEsPlatform
 
     image = tmp_path / "flash.bin"
     image.write_bytes(bytes(range(256)) * 32)  # 8 KiB

@@ -224,7 +224,7 @@ def test_machine_run_off_the_main_thread_without_a_kick_handler_refuses_instead_
     from vmmd.errors import VmmdError
     from vmmd.machine.config import MachineConfig
     from vmmd.machine.machine import KICK_SIGNAL, Machine
-    from vmmd.machine.platform import select_platform
+    from vmmd.platforms import select_platform
 
     hello = Path(__file__).resolve().parents[2] / "firmware" / "build" / "hello.bin"
     previous = signal.signal(KICK_SIGNAL, signal.SIG_DFL)

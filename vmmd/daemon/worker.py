@@ -116,7 +116,7 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     from vmmd.machine.config import MachineConfig
     from vmmd.machine.console_input import PacedInput
     from vmmd.machine.machine import Machine
-    from vmmd.machine.platform import select_platform
+    from vmmd.platforms import select_platform
 
     if warm:
         _throwaway_run("sev-es-emu", run=True)
@@ -258,7 +258,7 @@ def _warm_up() -> None:
     vmmd.machine, the lazily imported SEV launch model), the host probe behind platform 'auto', and a
     throwaway build of a one-instruction guest on each software platform (module-level caches)."""
     import vmmd.devices.console  # noqa: F401
-    from vmmd.machine.platform import select_platform
+    from vmmd.platforms import select_platform
 
     try:
         select_platform("auto")
@@ -282,7 +282,7 @@ def _throwaway_run(platform_name: str, run: bool) -> None:
     vCPUs and guest memory."""
     from vmmd.machine.config import MachineConfig
     from vmmd.machine.machine import Machine
-    from vmmd.machine.platform import select_platform
+    from vmmd.platforms import select_platform
 
     fd = -1
     try:

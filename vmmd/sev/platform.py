@@ -1,4 +1,4 @@
-"""The sev-es platform (real hardware) and the launch plan of a flat firmware guest.
+"""The SEV platforms (sev-es on hardware, sev-es-emu in software) and the launch plan of a flat firmware guest.
 
 `flat_launch_plan()` is the one description of what an SEV-ES launch of a flat
 firmware image measures: the VMM-built low area (boot info, GDT, page tables
@@ -19,9 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmmd.errors import ExitCode, VmmdError, VmStop
+from vmmd.kvm import exits
 from vmmd.kvm import uapi as kvm_uapi
+from vmmd.machine import layout as L
 from vmmd.machine.loader import RESET_VECTOR, LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
-from vmmd.machine.platform import Platform
+from vmmd.machine.platform import MSR_GHCB, Platform
+from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext
 from vmmd.memory import GuestMemory
 from vmmd.sev import measure
 from vmmd.sev.vmsa import VcpuState, fill_kvm_regs, fill_kvm_sregs, fill_xsave
@@ -131,6 +134,55 @@ def emulated_launch(machine, inputs: LaunchInputs):
         return result
     finally:
         copy.close()
+
+
+class SevEsEmuPlatform(Platform):
+    """Any KVM host: vmmd services the GHCB protocol in userspace (ARCHITECTURE.md, "Guest-visible contract of
+    sev-es-emu"): MSR 0xC0010130 (GHCB MSR) is a per-vCPU register held by the VMGEXIT service, CPUID
+    0x40000100/0x40000101 carry the signature and doorbell port, and an `out` to the doorbell port is a VMGEXIT.
+    It reports the digest SEV-ES hardware would measure, from the software model (`emulated_launch`)."""
+
+    name = "sev-es-emu"
+    doorbell_port = L.DOORBELL_PORT
+    description = ("sev-es-emu: the GHCB protocol serviced by vmmd in userspace; nothing is encrypted and "
+                   "nothing is attested")
+
+    def __init__(self, inputs: LaunchInputs | None = None) -> None:
+        self.inputs = inputs or LaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
+
+    def attach(self, machine, ctx: ExitContext) -> None:
+        from vmmd.sev.vmgexit import VmgexitAction, VmgexitService  # imported by the guests that use it
+
+        self._halt = VmgexitAction.HALT
+
+        self.service = VmgexitService(machine.memory, machine.port_bus, machine.mmio_bus, machine.cpuid.lookup,
+                                      c_bit=self.c_bit, vcpu_count=machine.config.cpus,
+                                      vcpu_cpuid_lookup=machine.cpuid.vcpu_lookup)
+        ctx.msr_handler = self.handle_msr
+        ctx.doorbell_port = self.doorbell_port
+        ctx.doorbell = self.doorbell
+
+    def handle_msr(self, vcpu, ex: exits.MsrExit) -> None:
+        if ex.index == MSR_GHCB:
+            if ex.is_write:
+                self.service.write_ghcb_msr(vcpu.index, ex.data)
+                vcpu.complete_msr_exit(0, error=False)
+            else:
+                vcpu.complete_msr_exit(self.service.read_ghcb_msr(vcpu.index), error=False)
+        else:
+            super().handle_msr(vcpu, ex)
+
+    def launch(self, machine) -> None:
+        """Run the SEV-ES launch sequence against the software model to report the hardware's launch digest."""
+        self.launch_result = emulated_launch(machine, self.inputs)
+
+    def release(self, machine) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close()
+
+    def doorbell(self, vcpu) -> int:
+        return VCPU_HALTED if self.service.vmgexit(vcpu.index, vcpu) is self._halt else CONTINUE
 
 
 class SevEsPlatform(Platform):

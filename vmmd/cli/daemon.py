@@ -1,7 +1,7 @@
 """vmctl commands that talk to the vmmd daemon: start, stop, list/status, show, console, log.
 
 Each command builds one request of vmmd.daemon.protocol (the command table idea of OpenBSD vmctl's
-ctl_commands[]); `register(group)` adds them to the vmctl click group. Only click and the protocol module
+ctl_commands[]); vmmd/cli/__init__.py's LAZY_COMMANDS adds them to the vmctl group. Only click and the protocol module
 are imported here, so these commands start fast.
 
 Exit codes (docs/daemon.md):
@@ -395,11 +395,3 @@ def _attach(client: Client, name: str) -> bool:
         click.echo("", err=True)
     return detached
 
-
-COMMANDS = (start_cmd, stop_cmd, list_cmd, status_cmd, show_cmd, console_cmd, log_cmd)
-
-
-def register(group: click.Group) -> None:
-    """Add the daemon commands to the vmctl group (called from vmmd/cli.py)."""
-    for command in COMMANDS:
-        group.add_command(command)

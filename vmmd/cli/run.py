@@ -1,7 +1,4 @@
-"""vmctl: the command line (click). One function per command, each building one request.
-
-Exit codes are vmmd.errors.ExitCode (README.md, "Exit codes").
-"""
+"""`vmctl run` (a guest in the foreground) and `vmctl host` (what this host can run)."""
 
 from __future__ import annotations
 
@@ -11,47 +8,11 @@ import sys
 
 import click
 
+from vmmd.cli import fail as _fail
 from vmmd.errors import ExitCode, VmmdError
 
 
-def _fail(message: str, code: ExitCode = ExitCode.HOST_ERROR) -> None:
-    click.echo(f"vmctl: {message}", err=True)
-    sys.exit(int(code))
-
-
-# Commands defined in other modules, imported only when used, so that `vmctl run` starts fast:
-# name -> (module, attribute holding the click command).
-LAZY_COMMANDS = {
-    "measure": ("vmmd.cli_measure", "measure_cmd"),
-    "verify": ("vmmd.cli_measure", "verify_cmd"),
-    **{name: ("vmmd.cli_daemon", f"{name}_cmd") for name in ("start", "stop", "list", "status", "show", "console",
-                                                              "log", "remove")},
-}
-
-
-class LazyGroup(click.Group):
-    """A click group that imports a command's module only when that command is asked for."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        command = super().get_command(ctx, name)
-        if command is None and name in LAZY_COMMANDS:
-            import importlib
-
-            module, attribute = LAZY_COMMANDS[name]
-            command = getattr(importlib.import_module(module), attribute)
-        return command
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="vmmd", prog_name="vmctl")
-def main() -> None:
-    """Run and manage vmmd guests (AMD SEV-ES, with an emulated GHCB platform for any KVM host)."""
-
-
-@main.command()
+@click.command("run")
 @click.argument("firmware", type=click.Path())  # the loader checks it, with exit code 3 like every host problem
 @click.option("--memory", "-m", default="64M", show_default=True, help="guest RAM (bytes, or K/M/G suffix)")
 @click.option("--cpus", "-c", default=1, show_default=True, type=int, help="number of vCPUs")
@@ -95,7 +56,7 @@ def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | 
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig, parse_size
     from vmmd.machine.machine import Machine
-    from vmmd.machine.platform import select_platform
+    from vmmd.platforms import select_platform
 
     try:
         arg = int(guest_arg, 0)
@@ -166,7 +127,7 @@ def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | 
     os._exit(int(result.exit_code)) if result.kind == "interrupted" else sys.exit(int(result.exit_code))
 
 
-@main.command()
+@click.command("host")
 @click.option("--memory", "-m", default=None, help="also check RLIMIT_MEMLOCK against a guest of this size")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 def host(memory: str | None, as_json: bool) -> None:
@@ -181,7 +142,3 @@ def host(memory: str | None, as_json: bool) -> None:
     except VmmdError as err:
         _fail(str(err), err.exit_code)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_host_report(report))
-
-
-if __name__ == "__main__":
-    main()
