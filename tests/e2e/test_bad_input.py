@@ -93,6 +93,7 @@ def test_unknown_platform_is_a_usage_error() -> None:
     assert "sev-snp" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.hw  # meaningful only on hosts without SEV-ES
 def test_sev_es_without_hardware_fails_before_creating_anything() -> None:
     from vmmd.platforms import sev_es_unavailable_reason
 

@@ -14,6 +14,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from vmmd.sev import vmsa as V
 from vmmd.sev.measure import build_ovmf_plan, launch_digest
 from vmmd.sev.ovmf import SEV_ES_RESET_BLOCK_GUID, parse_footer_table
 
-TOOL = shutil.which("sev-snp-measure")
+# the venv's own bin directory first: `make test` installs the tool there without putting it on PATH
+TOOL = shutil.which("sev-snp-measure", path=os.pathsep.join([os.path.dirname(sys.executable),
+                                                             os.environ.get("PATH", os.defpath)]))
 VCPU_COUNTS = (1, 2, 4)
 CPU_TYPES = ("EPYC", "EPYC-Milan", "EPYC-Genoa")
 
