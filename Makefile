@@ -12,7 +12,8 @@ APT_PACKAGES := gcc binutils make libc6-dev linux-libc-dev ovmf python3-venv
 BENCH_APT_PACKAGES := qemu-system-x86
 TIMEOUT ?= 60
 # Wait (up to 10 minutes) for another apt/dpkg to release its lock instead of failing at once: fresh cloud
-# machines run unattended-upgrades at boot (apt.conf(5), DPkg::Lock::Timeout).
+# machines run unattended-upgrades at boot. apt-get install waits by itself (apt.conf(5), DPkg::Lock::Timeout);
+# apt-get update does not wait for the lists lock, so apt_install retries it.
 APT_OPTS := -o DPkg::Lock::Timeout=600
 
 .PHONY: all run test deps apt-deps bench-deps firmware lint bench clean
@@ -54,7 +55,11 @@ define apt_install
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get $(APT_OPTS) update -qq && \
+	    for try in $$(seq 120); do \
+	      out=$$(DEBIAN_FRONTEND=noninteractive apt-get $(APT_OPTS) update -qq 2>&1) && break; \
+	      case "$$out" in *"Could not get lock"*) [ $$try = 1 ] && echo "waiting for another apt to finish ..."; \
+	        sleep 5;; *) echo "$$out" >&2; exit 1;; esac; \
+	    done && \
 	    DEBIAN_FRONTEND=noninteractive apt-get $(APT_OPTS) install -y -qq $$missing >/dev/null; \
 	  else \
 	    echo "missing Debian packages:$$missing -- run: sudo apt-get install -y$$missing" >&2; exit 1; \
