@@ -1,6 +1,6 @@
 /*
  * Start-up and shut-down of a test guest: boot-info check, platform probe
- * (/work/shared/ARCHITECTURE.md "Guest-visible contract of sev-es-emu"), GHCB
+ * (README.md "What a guest sees on sev-es-emu"), GHCB
  * protocol version negotiation over the GHCB MSR protocol (Linux
  * arch/x86/boot/compressed/sev.c sev_es_negotiate_protocol()), and the ways a
  * guest ends: isa-debug-exit write, GHCB termination, hlt.
