@@ -19,7 +19,7 @@ def test_hello_prints_and_ends_cleanly(platform: str) -> None:
     assert r.returncode == ExitCode.SUCCESS, r.stderr
     assert f"Hello from a vmmd guest (platform: {platform})" in r.stdout
     assert f"platform {platform}" in r.stderr
-    assert "guest ended (debug-exit)" in r.stderr and "status 1" in r.stderr
+    assert "guest ended (debug-exit, exit code 0): guest wrote 0x0 to the debug-exit port: success" in r.stderr
 
 
 def test_demo_on_auto_picks_emulator_here_and_shows_ghcb_facts() -> None:

@@ -25,7 +25,7 @@ def test_zero_is_success(bus: PortBus) -> None:
     assert stop.value.kind == "debug-exit"
     assert stop.value.exit_code == ExitCode.SUCCESS
     assert stop.value.status == 1
-    assert stop.value.reason == "guest wrote 0x0 to the debug-exit port (status 1)"
+    assert stop.value.reason == "guest wrote 0x0 to the debug-exit port: success"
 
 
 @pytest.mark.parametrize("port,size,value,status", [

@@ -28,9 +28,10 @@ import click
 
 from vmmd.daemon.protocol import ACTIVE, SOCKET_ENV, Client, DaemonError
 from vmmd.errors import ExitCode
+from vmmd.terminal import ESCAPE_BYTE
 
 EXIT_REFUSED, EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_NOPERM = 1, 3, 69, 77
-DETACH_BYTE = b"\x1d"  # Ctrl-], as virsh console and telnet
+DETACH_BYTE = bytes([ESCAPE_BYTE])  # Ctrl-], as virsh console and telnet
 _CONNECT_ERRORS = ("ENOENT", "ECONNREFUSED", "ECONNRESET", "EIO")
 
 
@@ -347,13 +348,11 @@ def _attach(client: Client, name: str) -> bool:
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else -1
     interactive = stdin_fd >= 0 and os.isatty(stdin_fd)
     saved = None
-    if interactive:  # raw mode before any output: keys typed after the history shows go to the guest as typed
-        import termios
-        import tty
+    if interactive:  # console mode before any output: keys typed after the history shows go to the guest as typed
+        from vmmd.terminal import enter_character_mode
 
-        saved = termios.tcgetattr(stdin_fd)
-        tty.setraw(stdin_fd)
-        click.echo(f"vmctl: connected to {name} (detach with Ctrl-])\r", err=True)
+        saved = enter_character_mode(stdin_fd)
+        click.echo(f"vmctl: connected to {name} (detach with Ctrl-])", err=True)
     reading_stdin = stdin_fd >= 0
     detached = False
     try:
@@ -386,9 +385,9 @@ def _attach(client: Client, name: str) -> bool:
         pass
     finally:
         if saved is not None:
-            import termios
+            from vmmd.terminal import restore
 
-            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            restore(stdin_fd, saved)
     if interactive and detached:
         click.echo(f"\nvmctl: detached from {name}; it keeps running", err=True)
     elif interactive:

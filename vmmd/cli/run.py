@@ -47,6 +47,14 @@ def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | N
         sys.exit(int(ExitCode.INTERRUPTED))
 
 
+def _same_terminal(a, b) -> bool:
+    """Do file objects `a` and `b` both write to one terminal?"""
+    try:
+        return a.isatty() and b.isatty() and os.ttyname(a.fileno()) == os.ttyname(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -103,7 +111,7 @@ def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | 
             click.echo("vmctl: keys go to the guest's serial console (Ctrl-C too); Ctrl-] stops the VM", err=True)
 
         console_input = ConsoleInput(sys.stdin.fileno(), machine.uart, lambda: machine.request_stop(
-            "interrupted", "console detached with Ctrl-]; VM stopped", ExitCode.INTERRUPTED)).start()
+            "interrupted", "Ctrl-] pressed; VM stopped", ExitCode.INTERRUPTED)).start()
     result = None
     try:
         result = machine.run()
@@ -122,7 +130,10 @@ def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | 
         click.echo(f"vmctl: could not write all of the guest's console output ({console.bytes_written} bytes): "
                    f"{console.out_error.strerror or console.out_error}", err=True)
     if not quiet:
-        click.echo(f"vmctl: guest ended ({result.kind}): {result.reason} [{result.seconds:.3f} s]", err=True)
+        if out is None and console.ends_mid_line and _same_terminal(sys.stdout, sys.stderr):
+            click.echo("", err=True)  # the end line starts on a line of its own, not after the guest's last text
+        click.echo(f"vmctl: guest ended ({result.kind}, exit code {int(result.exit_code)}): {result.reason} "
+                   f"[{result.seconds:.3f} s]", err=True)
     sys.stdout.flush()
     os._exit(int(result.exit_code)) if result.kind == "interrupted" else sys.exit(int(result.exit_code))
 

@@ -37,6 +37,7 @@ class Console:
         self._threshold = max_buffer if line_buffered else 1
         self._buf = bytearray()
         self._flushed = 0
+        self._last_byte = b"\n"  # the last byte flushed: "\n" when the output is at the start of a line
         self._captured = bytearray()
         self._flush_lock = threading.Lock()
         # threaded: a writer thread does the writes to `out`, so a reader that stops reading (a paused pager, a
@@ -62,6 +63,7 @@ class Console:
             data = bytes(buf[:count])
             del buf[:count]
             self._flushed += count
+            self._last_byte = data[-1:]
             if self.capture_limit:
                 self._captured += data
                 if len(self._captured) > 2 * self.capture_limit:  # trim rarely, not on every line
@@ -91,6 +93,12 @@ class Console:
         self.flush()
         if self._pump is not None:
             self._pump.drain()
+
+    @property
+    def ends_mid_line(self) -> bool:
+        """The output so far does not end with a newline (a line written after it would continue it)."""
+        last = self._buf[-1:] or self._last_byte
+        return last != b"\n"
 
     @property
     def bytes_written(self) -> int:

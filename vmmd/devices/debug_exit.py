@@ -45,5 +45,6 @@ class DebugExit:
         value &= (1 << (8 * min(size, self.iosize - offset))) - 1  # the part of the access inside the range
         status = debug_exit_status(value)
         exit_code = ExitCode.SUCCESS if value == 0 else ExitCode.GUEST_FAILURE
-        raise VmStop("debug-exit", f"guest wrote {value:#x} to the debug-exit port (status {status})",
-                     exit_code, status=status)
+        meaning = "success" if value == 0 else f"the guest reports a failure (QEMU would exit with status {status})"
+        raise VmStop("debug-exit", f"guest wrote {value:#x} to the debug-exit port: {meaning}", exit_code,
+                     status=status)

@@ -1,9 +1,9 @@
 """Serial console input for foreground runs: bytes from a terminal (or a pipe) into the guest's UART.
 
-When standard input is a terminal it is switched to character-at-a-time mode
-without echo or signal keys (output processing stays on), so every key goes to
-the guest; Ctrl-] (0x1d, as in telnet and virsh console) stops the VM. The
-terminal is restored however the run ends.
+When standard input is a terminal it is switched to vmmd.terminal's console mode
+(character at a time, no echo or signal keys, output processing on), so every key
+goes to the guest; Ctrl-] stops the VM. The terminal is restored however the run
+ends.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 import collections
 import os
 import select
-import termios
 import threading
 from collections.abc import Callable
 
-ESCAPE_BYTE = 0x1D  # Ctrl-]
+from vmmd.terminal import ESCAPE_BYTE, enter_character_mode, restore
 
 
 def feed_paced(uart, data: bytes, stop: threading.Event) -> int:
@@ -89,12 +88,7 @@ class ConsoleInput:
 
     def start(self) -> ConsoleInput:
         if os.isatty(self.fd):
-            self._saved = termios.tcgetattr(self.fd)
-            mode = termios.tcgetattr(self.fd)
-            mode[0] &= ~(termios.ICRNL | termios.IXON | termios.INLCR)  # iflag: pass CR and ^S/^Q through
-            mode[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)  # lflag
-            mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
-            termios.tcsetattr(self.fd, termios.TCSANOW, mode)
+            self._saved = enter_character_mode(self.fd)
         self._thread.start()
         return self
 
@@ -122,5 +116,5 @@ class ConsoleInput:
     def close(self) -> None:
         self._stop.set()
         if self._saved is not None:
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            restore(self.fd, self._saved)
             self._saved = None
