@@ -513,6 +513,13 @@ def test_remove_forgets_a_stopped_adhoc_guest_and_nothing_else(daemon, tmp_path)
     daemon.wait_state("adhoc-spin", ("running",))
     busy = daemon.vmctl("remove", "adhoc-spin")
     assert busy.returncode == 1 and b"vmctl stop adhoc-spin" in busy.stderr
+    for bad in ("-1", "0", "nan", "601"):  # the rule `vmctl run -t` follows: above 0, bounded
+        refused = daemon.vmctl("stop", "adhoc-spin", "--timeout", bad)
+        assert refused.returncode == 3 and b"--timeout must be a number of seconds above 0" in refused.stderr, bad
+    with pytest.raises(DaemonError) as err:  # a client that skips vmctl's check meets the daemon's
+        daemon.request("stop", name="adhoc-spin", timeout=-1)
+    assert err.value.errno == "EINVAL"
+    assert daemon.wait_state("adhoc-spin", ("running",))
     stopped = daemon.vmctl("stop", "adhoc-spin", "--timeout", "5")
     assert stopped.returncode == 0 and b"guest adhoc-spin ended (stopped" in stopped.stderr, stopped.stderr
 

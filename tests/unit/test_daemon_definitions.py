@@ -55,7 +55,7 @@ def test_defaults_and_relative_firmware():
     (f'firmware = "{FW}"\nmemory = "lots"\n', "memory", "not a size"),
     (f'firmware = "{FW}"\nvcpus = 0\n', "vcpus", "must be 1.."),
     (f'firmware = "{FW}"\nvcpus = "2"\n', "vcpus", "must be an integer"),
-    (f'firmware = "{FW}"\ntimeout = -1\n', "timeout", "positive"),
+    (f'firmware = "{FW}"\ntimeout = -1\n', "timeout", "above 0"),
     (f'firmware = "{FW}"\nowner = "no-such-user-xyz"\n', "owner", "no such user"),
     (f'firmware = "{FW}"\nname = "bad/name"\n', "name", "not valid"),
     (f'firmware = "{FW}"\n[policy]\nflags = ["NODEBUG"]\n', "policy.flags", "unknown SEV policy flag"),

@@ -205,14 +205,22 @@ def _report_end(guest: dict, as_json: bool) -> None:
 @click.command("stop")
 @name_argument
 @click.option("--force", is_flag=True, help="kill the worker now (SIGKILL) instead of asking the guest to stop")
-@click.option("--timeout", type=float, default=None, help="seconds to wait before killing (daemon default 10)")
+@click.option("--timeout", type=float, default=None,
+              help="seconds to wait before killing, above 0 and at most 600 (default: vmmd's --stop-timeout, 10)")
 @json_option
 @socket_option
 def stop_cmd(name: str, force: bool, timeout: float | None, as_json: bool, socket_path: str | None) -> None:
     """Stop guest NAME (stop request, then SIGKILL after the timeout)."""
+    from vmmd.errors import VmmdError
+    from vmmd.machine.config import MAX_STOP_TIMEOUT_SECONDS, check_seconds
+
     fields: dict = {"name": name, "force": force}
-    if timeout is not None:
-        fields["timeout"] = timeout
+    try:
+        if check_seconds(timeout, "--timeout", MAX_STOP_TIMEOUT_SECONDS) is not None:
+            fields["timeout"] = timeout
+    except VmmdError as err:
+        click.echo(f"vmctl: {err}", err=True)
+        sys.exit(EXIT_INVALID)
     guest = _request(socket_path, "stop", client_timeout=None, **fields)["guest"]
     _report_end(guest, as_json)
 

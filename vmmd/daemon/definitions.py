@@ -36,7 +36,7 @@ from typing import Any
 
 from vmmd.errors import VmmdError
 from vmmd.machine import layout as L
-from vmmd.machine.config import MachineConfig, parse_size
+from vmmd.machine.config import MachineConfig, check_seconds, parse_size
 from vmmd.machine.platform import PLATFORM_NAMES
 
 from .protocol import NAME_RE
@@ -172,9 +172,10 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
     platform = data.get("platform", "auto")
     if platform not in PLATFORM_NAMES:
         raise _fail(source, "platform", f"{platform!r} is not one of: {', '.join(PLATFORM_NAMES)}")
-    timeout = data.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise _fail(source, "timeout", f"must be a positive number of seconds, got {timeout!r}")
+    try:
+        timeout = check_seconds(data.get("timeout"), "the value")
+    except VmmdError as err:
+        raise _fail(source, "timeout", str(err)) from None
     description = data.get("description", "")
     if not isinstance(description, str):
         raise _fail(source, "description", "must be a string")
@@ -182,7 +183,7 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
         name=name, source=source, firmware=firmware,
         memory_bytes=_size(source, "memory", data.get("memory", "64M")),
         cpus=_int(source, "vcpus", data.get("vcpus", 1), 1, L.MAX_VCPUS),
-        platform=platform, timeout=float(timeout) if timeout is not None else None,
+        platform=platform, timeout=timeout,
         guest_arg=_int(source, "guest_arg", data.get("guest_arg", 0), 0, 2**64 - 1),
         owner=_owner(source, data["owner"]) if "owner" in data else default_owner,
         description=description, text=text)

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from vmmd.errors import ExitCode
+from vmmd.errors import ExitCode, VmmdError
+from vmmd.machine.config import MAX_STOP_TIMEOUT_SECONDS, check_seconds
 
 from . import protocol as P
 from .auth import AccessDenied, Peer, Policy, open_for, peer_of
@@ -560,8 +561,11 @@ class Daemon:
     async def _stop(self, guest: Guest, request: dict, peer: Peer) -> dict:
         if guest.state not in ACTIVE:
             raise _RequestError("EALREADY", f"guest {guest.name!r} is not running (state {guest.state})")
-        timeout = float(request.get("timeout", self.args.stop_timeout))
-        timeout = min(max(timeout, 0.0), 600.0)
+        try:
+            timeout = check_seconds(request.get("timeout", self.args.stop_timeout), "the stop timeout",
+                                    MAX_STOP_TIMEOUT_SECONDS)
+        except VmmdError as err:
+            raise _RequestError("EINVAL", str(err)) from None
         if guest.worker is None:  # a start still waiting for a worker: end it here, it never runs
             force = bool(request.get("force"))
             guest.stop_mode = "kill" if force else "stop"
@@ -693,8 +697,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.pool < 0 or args.pool > 256:
         raise SystemExit("vmmd: --pool must be 0..256")
-    if not 0 < args.idle_timeout <= 86400:
-        raise SystemExit("vmmd: --idle-timeout must be more than 0 and at most 86400 seconds")
+    try:
+        check_seconds(args.idle_timeout, "--idle-timeout", 86400)
+        check_seconds(args.stop_timeout, "--stop-timeout", MAX_STOP_TIMEOUT_SECONDS)
+    except VmmdError as err:
+        raise SystemExit(f"vmmd: {err}") from None
     daemon = Daemon(args)
     sys.exit(asyncio.run(daemon.run()))
 

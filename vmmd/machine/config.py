@@ -27,6 +27,18 @@ def parse_size(text: str | int) -> int:
 
 MAX_MEMORY_BYTES = 1 << 46  # 64 TiB: far above any host here, far below what overflows an mmap length
 MAX_TIMEOUT_SECONDS = 365 * 86400
+MAX_STOP_TIMEOUT_SECONDS = 600.0  # how long `vmctl stop --timeout` may give a guest before SIGKILL
+
+
+def check_seconds(value: float | None, what: str, maximum: float = MAX_TIMEOUT_SECONDS) -> float | None:
+    """The one rule for every timeout a user gives (run -t, stop --timeout, definitions): a number of seconds
+    above 0 and at most `maximum`, or None for no limit. VmmdError (exit 3) naming `what` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= maximum:  # NaN fails too
+        raise VmmdError(f"{what} must be a number of seconds above 0 and at most {maximum:g} (leave it out for "
+                        f"the default), got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -52,9 +64,7 @@ class MachineConfig:
                             f"({MAX_MEMORY_BYTES >> 40} TiB)")
         if not 1 <= self.cpus <= L.MAX_VCPUS:
             raise VmmdError(f"cpus must be 1..{L.MAX_VCPUS}, got {self.cpus}")
-        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails both tests
-            raise VmmdError(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g} "
-                            f"(leave it out for no limit), got {self.timeout}")
+        check_seconds(self.timeout, "timeout")
         if not 0 <= self.guest_arg < 1 << 64:
             raise VmmdError(f"guest_arg must fit 64 bits unsigned, got {self.guest_arg}")
         return self
