@@ -166,6 +166,8 @@ def test_eight_guests_at_once_reach_their_ends(daemon):
         assert EXPECTED_TEXT[firmware] in console.stdout.decode(), console.stdout
         log = daemon.vmctl("log", name)
         assert EXPECTED_TEXT[firmware] in log.stdout.decode() and "ended (debug-exit)" in log.stdout.decode()
+        last_two = daemon.vmctl("log", name, "--tail", "2").stdout.decode()  # lines, as tail -n counts them
+        assert last_two.count("\n") == 2 and log.stdout.decode().endswith(last_two), last_two
     table = daemon.vmctl("list")
     assert table.returncode == 0
     rows = {line.split()[0]: line for line in table.stdout.decode().splitlines()[1:]}

@@ -39,7 +39,7 @@ def test_persisted_states_and_lost_guests(tmp_path):
     lost = again.guests["b"]
     assert lost.state == "stopped" and lost.end["kind"] == "killed"
     assert "vmmd exited while the guest was running (worker pid 4321)" in lost.end["reason"]
-    assert "found at daemon restart" in again.read_log(lost, 4096).decode()
+    assert "found at daemon restart" in again.read_log(lost, 10, 4096).decode()
     saved = json.loads((tmp_path / "state" / "guests.json").read_text())
     assert {g["name"]: g["state"] for g in saved["guests"]} == {"a": "stopped", "b": "stopped"}
 
@@ -99,3 +99,26 @@ def test_saved_adhoc_guests_that_no_longer_validate_are_kept_not_dropped(tmp_pat
         assert saved["unloadable"] == [bad]
         reg = _registry(tmp_path)
         reg.load()
+
+
+def test_last_lines_counts_as_tail_n_does():
+    from vmmd.daemon.registry import last_lines
+
+    assert last_lines(b"a\nb\nc\n", 2) == b"b\nc\n"
+    assert last_lines(b"a\nb\nc", 2) == b"b\nc"  # a last line without a newline counts
+    assert last_lines(b"a\nb\n", 5) == b"a\nb\n"
+    assert last_lines(b"", 3) == b""
+    assert last_lines(b"\n\n\n", 2) == b"\n\n"
+
+
+def test_read_log_returns_whole_lines_from_far_back(tmp_path):
+    reg = _registry(tmp_path)
+    (tmp_path / "vms" / "a.toml").write_text('firmware = "/x.bin"\n')
+    reg.load()
+    guest = reg.guests["a"]
+    lines = [f"line {i} ".encode() + b"x" * (i % 300) + b"\n" for i in range(3000)]  # ~450 KiB, chunks cut lines
+    reg.log_path(guest).write_bytes(b"".join(lines))
+    assert reg.read_log(guest, 100, 1 << 20) == b"".join(lines[-100:])
+    assert reg.read_log(guest, 2999, 1 << 20) == b"".join(lines[1:])
+    capped = reg.read_log(guest, 3000, 64 << 10)  # at most max_bytes: whole lines only, from the end
+    assert len(capped) <= 64 << 10 and b"".join(lines).endswith(capped) and capped.startswith(b"line ")

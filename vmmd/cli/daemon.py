@@ -288,12 +288,12 @@ def show_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
 
 @click.command("log")
 @name_argument
-@click.option("--tail", "tail", type=click.IntRange(1, 1 << 20), default=64 << 10, show_default=True,
-              help="bytes from the end of the log")
+@click.option("--tail", "-n", "lines", type=click.IntRange(1, 1 << 20), default=200, show_default=True,
+              help="lines from the end of the log, as tail -n counts them (at most the last MiB)")
 @socket_option
-def log_cmd(name: str, tail: int, socket_path: str | None) -> None:
+def log_cmd(name: str, lines: int, socket_path: str | None) -> None:
     """The per-guest log of NAME: daemon events and console output."""
-    text = _request(socket_path, "log", name=name, tail=tail)["log"]
+    text = _request(socket_path, "log", name=name, lines=lines)["log"]
     click.echo(text, nl=not text.endswith("\n"))
 
 

@@ -43,7 +43,7 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "start": {"name": (str, False), "definition": (dict, False), "attach": (bool, False), "replay": (bool, False)},
     "stop": {"name": (str, True), "force": (bool, False), "timeout": ((int, float), False)},
     "console": {"name": (str, True), "replay": (bool, False)},
-    "log": {"name": (str, True), "tail": (int, False)},
+    "log": {"name": (str, True), "lines": (int, False)},
     "remove": {"name": (str, True)},
     "reload": {},
 }

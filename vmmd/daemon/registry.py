@@ -265,12 +265,35 @@ class Registry:
         self.save()
         return removed
 
-    def read_log(self, guest: Guest, tail: int) -> bytes:
+    def read_log(self, guest: Guest, lines: int, max_bytes: int) -> bytes:
+        """The last `lines` lines of the guest's log, as `tail -n` counts them (a last line without a newline
+        counts), from at most the last `max_bytes` bytes."""
         path = self.log_path(guest)
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, os.SEEK_END)
-                f.seek(max(0, size - tail))
-                return f.read(tail)
+                start = size
+                data = b""
+                while start > 0 and size - start < max_bytes:
+                    step = min(64 << 10, start, max_bytes - (size - start))
+                    start -= step
+                    f.seek(start)
+                    data = f.read(step) + data
+                    if data.count(b"\n", 0, len(data) - 1) >= lines:  # the last byte's newline ends the last line
+                        break
         except FileNotFoundError:
             return b""
+        if start > 0:  # the first line read may have begun before what was read: whole lines only
+            data = data[data.find(b"\n") + 1:] if b"\n" in data[:-1] else b""
+        return last_lines(data, lines)
+
+
+def last_lines(data: bytes, lines: int) -> bytes:
+    """The last `lines` lines of `data` (`tail -n`); a final line without a newline counts as one."""
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    cut = end
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return data
+    return data[cut + 1:]

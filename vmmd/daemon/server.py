@@ -47,7 +47,8 @@ DEFAULT_DEFINITIONS = "/etc/vmmd/vms"
 DEFAULT_STATE_DIR = "/var/lib/vmmd"
 DEFAULT_LOG_DIR = "/var/log/vmmd"
 MAX_WATCHER_BACKLOG = 1 << 20  # a console client this far behind is detached, the guest never waits for it
-MAX_LOG_TAIL = 1 << 20
+MAX_LOG_TAIL = 1 << 20  # bytes of a log one `vmctl log` may return
+DEFAULT_LOG_LINES = 200
 STATUS_LOST_AFTER = 2.0  # seconds to wait for the zygote's exit status once a worker channel closed
 MAX_ADHOC_PER_UID = 64  # ad-hoc guests a non-root uid may keep defined (vmctl remove frees them)
 MAX_CONNECTIONS_PER_UID = 64  # open control connections (console streams included) per non-root uid
@@ -238,8 +239,11 @@ class Daemon:
                 elif op == "stop":
                     reply = await self._stop(guest, request, peer)
                 elif op == "log":
-                    tail = max(1, min(request.get("tail", 64 << 10), MAX_LOG_TAIL))
-                    reply = P.ok(log=self.registry.read_log(guest, tail).decode("utf-8", "replace"))
+                    lines = request.get("lines", DEFAULT_LOG_LINES)
+                    if lines < 1:
+                        raise _RequestError("EINVAL", f"lines must be a positive number of lines, got {lines!r}")
+                    log = self.registry.read_log(guest, lines, MAX_LOG_TAIL)
+                    reply = P.ok(log=log.decode("utf-8", "replace"))
                 elif op == "console":
                     await self._reply(writer, P.ok(guest=guest.summary(), stream=True))
                     return guest, request.get("replay", True)
