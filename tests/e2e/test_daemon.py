@@ -728,3 +728,17 @@ def test_a_member_may_keep_a_bounded_number_of_adhoc_guests():
     finally:
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_list_shows_the_platform_an_auto_guest_runs_on(daemon, tmp_path):
+    from vmmd.platforms import select_platform
+
+    actual = select_platform("auto")[0].name  # sev-es-emu here, sev-es on an SEV-ES host
+    definition = tmp_path / "auto.toml"
+    definition.write_text(f'firmware = "{guest("hello")}"\nmemory = "4M"\nplatform = "auto"\ntimeout = 20\n')
+    assert daemon.vmctl("start", "-f", str(definition), "--wait").returncode == 0
+    row = next(line for line in daemon.vmctl("list").stdout.decode().splitlines() if line.startswith("auto "))
+    assert row.split()[3] == actual, row
+    shown = daemon.request("show", name="auto")["guest"]
+    assert shown["platform"] == actual and shown["definition"]["platform"] == "auto"

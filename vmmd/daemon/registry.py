@@ -58,6 +58,7 @@ class Guest:
     start_mono: float | None = None
     first_byte_seconds: float | None = None  # start request -> first console byte reached the daemon
     build_seconds: float | None = None  # in the worker: definition received -> Machine built
+    platform: str | None = None  # what the last start runs on (the definition may say "auto")
     platform_note: str | None = None
     digest: str | None = None
     policy_note: str | None = None
@@ -85,7 +86,7 @@ class Guest:
     def summary(self) -> dict[str, Any]:
         d = self.definition
         now = time.time()
-        return {"name": self.name, "state": self.state, "owner": self.owner, "platform": d.platform,
+        return {"name": self.name, "state": self.state, "owner": self.owner, "platform": self.platform or d.platform,
                 "memory_bytes": d.memory_bytes, "vcpus": d.cpus, "pid": self.pid,
                 "uptime": (now - self.started_at) if self.state in ACTIVE and self.started_at else None,
                 "end": self.end, "error": self.error, "adhoc": self.adhoc, "console_bytes": self.ring.total}
@@ -179,7 +180,7 @@ class Registry:
                 guest.end, guest.error = entry.get("end"), entry.get("error")
                 guest.started_at, guest.ended_at = entry.get("started_at"), entry.get("ended_at")
                 guest.starts = entry.get("starts", 0)
-                guest.platform_note = entry.get("platform_note")
+                guest.platform_note, guest.platform = entry.get("platform_note"), entry.get("platform")
                 if state in ACTIVE:
                     guest.state, guest.end = "stopped", lost_end(state, entry.get("pid"))
                     guest.ended_at = time.time()
@@ -199,7 +200,8 @@ class Registry:
         for guest in self.guests.values():
             entry = {"name": guest.name, "adhoc": guest.adhoc, "owner": guest.owner, "state": guest.state,
                      "end": guest.end, "error": guest.error, "pid": guest.pid, "started_at": guest.started_at,
-                     "ended_at": guest.ended_at, "starts": guest.starts, "platform_note": guest.platform_note}
+                     "ended_at": guest.ended_at, "starts": guest.starts, "platform_note": guest.platform_note,
+                     "platform": guest.platform}
             if guest.adhoc:
                 entry.update(source=guest.definition.source, text=guest.definition.text)
             entries.append(entry)

@@ -332,7 +332,7 @@ class Daemon:
         guest.channel_closed, guest.exit_status, guest.pid = False, None, None
         guest.ring = ConsoleRing(guest.definition.ring_bytes)
         guest.start_mono, guest.started_at, guest.ended_at = time.monotonic(), time.time(), None
-        guest.first_byte_seconds = None
+        guest.first_byte_seconds = guest.platform = None
         guest.starts += 1
         this_start = guest.starts
         try:
@@ -427,6 +427,7 @@ class Daemon:
             elif kind == MSG_STARTED:
                 info = json.loads(body)
                 guest.platform_note, guest.digest, guest.policy_note = info["note"], info["digest"], info["policy"]
+                guest.platform = info["platform"]
                 guest.build_seconds = info.get("build_seconds")
                 if guest.state == "starting":
                     guest.state = "running"
