@@ -742,3 +742,16 @@ def test_list_shows_the_platform_an_auto_guest_runs_on(daemon, tmp_path):
     assert row.split()[3] == actual, row
     shown = daemon.request("show", name="auto")["guest"]
     assert shown["platform"] == actual and shown["definition"]["platform"] == "auto"
+
+
+def test_a_second_vmmd_on_the_same_state_directory_is_refused(daemon):
+    other_socket = daemon.root / "run" / "second.sock"
+    proc = subprocess.run([sys.executable, "-m", "vmmd.daemon.server", "--socket", str(other_socket),
+                           "--definitions", str(daemon.defs), "--state-dir", str(daemon.root / "state"),
+                           "--log-dir", str(daemon.root / "log2"), "--pool", "0"],
+                          cwd=REPO, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    message = proc.stderr.decode()
+    assert f"is in use by another vmmd (pid {daemon.proc.pid})" in message and "--state-dir" in message, message
+    assert "Traceback" not in message and not other_socket.exists()
+    assert daemon.request("ping")["ok"] and daemon.proc.poll() is None

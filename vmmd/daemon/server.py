@@ -59,6 +59,29 @@ def _log(message: str) -> None:
     print(f"vmmd: {message}", file=sys.stderr, flush=True)
 
 
+STATE_LOCK = "vmmd.lock"
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory for this daemon (flock(2) on STATE_LOCK inside it, which holds our pid), or exit
+    with a sentence naming the vmmd that has it: two daemons on one guests.json would overwrite each other's
+    guests. The lock dies with the process, so a crashed vmmd never blocks the next one."""
+    import fcntl
+
+    path = state_dir / STATE_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"vmmd: the state directory {state_dir} is in use by another vmmd (pid {holder}); stop "
+                         "it, or give this one its own --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -81,6 +104,7 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         for directory in (self.registry.state_dir, self.registry.log_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._state_lock = _lock_state_dir(self.registry.state_dir)  # held (fd open) for the daemon's lifetime
         if not self.registry.definitions_dir.is_dir():
             _log(f"the definitions directory {self.registry.definitions_dir} does not exist: no guests are defined "
                  "(create it, or pass --definitions)")
