@@ -755,3 +755,28 @@ def test_a_second_vmmd_on_the_same_state_directory_is_refused(daemon):
     assert f"is in use by another vmmd (pid {daemon.proc.pid})" in message and "--state-dir" in message, message
     assert "Traceback" not in message and not other_socket.exists()
     assert daemon.request("ping")["ok"] and daemon.proc.poll() is None
+
+
+def test_vmctl_reload_rereads_definitions_and_names_the_bad_ones(daemon):
+    good = daemon.define("reloaded", "hello", timeout=20)
+    bad = daemon.defs / "broken.toml"
+    bad.write_text('firmware = "x.bin"\nvcpus = 0\n')
+    try:
+        r = daemon.vmctl("reload")
+        assert r.returncode == 3, r.stderr
+        assert f"{bad}: key 'vcpus'" in r.stderr.decode() and "guests defined" in r.stderr.decode()
+        assert "reloaded" in {g["name"] for g in daemon.request("list")["guests"]}
+    finally:
+        bad.unlink()
+        good.unlink()
+    r = daemon.vmctl("reload", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["errors"] == []
+    assert "reloaded" not in {g["name"] for g in daemon.request("list")["guests"]}
+
+
+def test_version_of_both_commands_is_the_package_version():
+    from importlib.metadata import version
+
+    for command in (["-m", "vmmd.cli", "--version"], ["-m", "vmmd.daemon.server", "--version"]):
+        out = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert out.returncode == 0 and out.stdout.split()[-1] == version("vmmd"), out

@@ -26,7 +26,7 @@ LAZY_COMMANDS = {
     "measure": ("vmmd.cli.measure", "measure_cmd"),
     "verify": ("vmmd.cli.measure", "verify_cmd"),
     **{name: ("vmmd.cli.daemon", f"{name}_cmd") for name in ("start", "stop", "list", "status", "show", "console",
-                                                              "log", "remove")},
+                                                              "log", "remove", "reload")},
 }
 
 
@@ -47,6 +47,6 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="vmmd", prog_name="vmctl")
+@click.version_option(package_name="vmmd", prog_name="vmctl", message="%(prog)s %(version)s")
 def main() -> None:
     """Run and manage vmmd guests (AMD SEV-ES, with an emulated GHCB platform for any KVM host)."""

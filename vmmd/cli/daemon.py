@@ -239,6 +239,24 @@ def remove_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
     click.echo(f"removed guest {name}" + (f" and its log ({', '.join(logs)})" if logs else ""))
 
 
+@click.command("reload")
+@json_option
+@socket_option
+def reload_cmd(as_json: bool, socket_path: str | None) -> None:
+    """Reread the definitions directory (root only; as `systemctl reload vmmd` or SIGHUP). Exit 3 when a
+    definition does not validate (it is named; the others are loaded)."""
+    reply = _request(socket_path, "reload")
+    errors = reply.get("errors", [])
+    if as_json:
+        click.echo(json.dumps({"errors": errors, "guests": reply.get("guests")}, sort_keys=True))
+    else:
+        click.echo(f"vmctl: definitions reread: {reply.get('guests')} guests defined"
+                   + (f", {len(errors)} definition(s) refused:" if errors else ""), err=True)
+        for error in errors:
+            click.echo(f"  {error}", err=True)
+    sys.exit(EXIT_INVALID if errors else 0)
+
+
 @click.command("list")
 @json_option
 @socket_option

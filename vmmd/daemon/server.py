@@ -249,7 +249,8 @@ class Daemon:
             elif op == "reload":
                 self.policy.check_root(peer, "reload definitions")
                 self._reload()
-                reply = P.ok(errors=self.registry.definition_errors)
+                reply = P.ok(errors=self.registry.definition_errors,
+                             guests=sum(not g.adhoc for g in self.registry.guests.values()))
             elif op == "start":
                 guest = await self._start(request, peer)
                 if request.get("attach"):
@@ -702,9 +703,19 @@ def _resolve_group(group: str | None) -> tuple[int | None, str | None]:
         raise SystemExit(f"vmmd: --group {group!r}: no such group (create it, e.g. groupadd {group})") from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vmmd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmmd", description="The vmmd daemon: runs guests for vmctl, one worker "
                                      "process per guest. See docs/daemon.md.")
+    parser.add_argument("--version", action="version", version=f"vmmd {_version()}")
     parser.add_argument("--socket", default=os.environ.get(P.SOCKET_ENV, P.DEFAULT_SOCKET),
                         help=f"control socket path (default {P.DEFAULT_SOCKET}, or ${P.SOCKET_ENV})")
     parser.add_argument("--definitions", default=DEFAULT_DEFINITIONS, help="directory of NAME.toml guest definitions")
