@@ -183,3 +183,20 @@ def emit_json(figures: dict) -> None:
     """The last line of every benchmark: one JSON object with its figures."""
     sys.stdout.flush()
     print(json.dumps(figures, sort_keys=False), flush=True)
+
+
+EXIT_GOAL_MISSED = 1  # a benchmark ran and at least one of its goals was missed
+EXIT_NOT_RUN = 2  # a benchmark could not measure (a prerequisite is missing, a guest misbehaved)
+
+
+def finish(figures: dict, goals: dict[str, bool | None]) -> int:
+    """Emit the JSON line with `goals_met` (goal name -> met; None: not measured in this run) and
+    `goals_missed` (their names), and return the exit status: 0 when no measured goal was missed, else
+    EXIT_GOAL_MISSED, so `make bench`, CI and people notice a miss without reading the figures."""
+    missed = [name for name, met in goals.items() if met is False]
+    figures["goals_met"] = goals
+    figures["goals_missed"] = missed
+    emit_json(figures)
+    if missed:
+        print(f"{figures.get('bench', 'benchmark')}: goal missed: {', '.join(missed)}", file=sys.stderr)
+    return EXIT_GOAL_MISSED if missed else 0

@@ -18,7 +18,6 @@ Goals: (a) <= 0.25x QEMU cold start; worker RSS <= QEMU RSS. The last line is on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from vmmd.daemon.protocol import Client, DaemonError  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish  # noqa: E402
 
 BIOS_ASM = """
     .code16
@@ -285,12 +287,10 @@ def main() -> int:
             "ratio_cli_start_vs_qemu": round(one_cli / qemu_first, 3),
             "ratio_worker_rss_vs_qemu": round(max(worker_rss) / qemu_rss, 3),
             "ratio_worker_pss_vs_qemu": round(max(worker_pss) / qemu_pss, 3) if worker_pss and qemu_pss else None,
-            "goal_start_le_0.25": one / qemu_first <= 0.25,
-            "goal_worker_rss_le_qemu": max(worker_rss) <= qemu_rss,
             "pool": args.pool, "repeat": args.repeat,
         }
-        print(json.dumps(figures, sort_keys=True))
-        return 0
+        return finish(figures, {"start_le_0.25_qemu": one / qemu_first <= 0.25,
+                                "worker_rss_le_qemu": max(worker_rss) <= qemu_rss})
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)

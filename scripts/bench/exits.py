@@ -33,12 +33,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    EXIT_NOT_RUN,
     REPO,
     BenchError,
     Rate,
     build_c_program,
     build_flat_image,
-    emit_json,
+    finish,
     firmware,
     first_byte_latency,
     median,
@@ -249,11 +250,9 @@ def main() -> int:
                   f"{figures['start_ratio_microvm']:.3f}")
         else:
             figures["start_ratio"] = None
-    figures["goals_met"] = {"exit_ratio": ratio >= EXIT_GOAL,
+    return finish(figures, {"exit_ratio": ratio >= EXIT_GOAL,
                             "start_ratio": None if figures.get("start_ratio") is None
-                            else figures["start_ratio"] <= START_GOAL}
-    emit_json(figures)
-    return 0
+                            else figures["start_ratio"] <= START_GOAL})
 
 
 if __name__ == "__main__":
@@ -261,4 +260,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except BenchError as err:
         print(f"exits.py: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_NOT_RUN)

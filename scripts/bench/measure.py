@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish  # noqa: E402
 
 
 def main() -> int:
@@ -62,10 +64,9 @@ def main() -> int:
     print(f"vmmd launch_digest: {mbps['vmmd']:.1f} MB/s (best of {args.repeat})")
     print(f"hashlib sha256:     {mbps['hashlib']:.1f} MB/s (best of {args.repeat})")
     print(f"ratio:              {ratio:.3f} (goal >= 0.9)")
-    print(json.dumps({"bench": "measure", "bytes": nbytes, "vmmd_mb_s": round(mbps["vmmd"], 1),
-                      "hashlib_mb_s": round(mbps["hashlib"], 1), "ratio": round(ratio, 3), "goal": 0.9,
-                      "repeat": args.repeat, "digest": results["vmmd"].hex()}))
-    return 0
+    return finish({"bench": "measure", "bytes": nbytes, "vmmd_mb_s": round(mbps["vmmd"], 1),
+                   "hashlib_mb_s": round(mbps["hashlib"], 1), "ratio": round(ratio, 3), "goal": 0.9,
+                   "repeat": args.repeat, "digest": results["vmmd"].hex()}, {"ratio": ratio >= 0.9})
 
 
 if __name__ == "__main__":

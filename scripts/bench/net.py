@@ -24,6 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish  # noqa: E402
+
 C_SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
@@ -186,13 +189,12 @@ def main() -> int:
     print(f"vmmd virtio-net TX drain: {vmmd_fps / 1e6:8.3f} Mframes/s  ({best['vmmd'] / frames * 1e9:7.1f} ns/frame)")
     print(f"raw C write() to the tap: {c_fps / 1e6:8.3f} Mframes/s  ({best['c'] / frames * 1e9:7.1f} ns/frame)")
     print(f"ratio: {ratio:.3f} (goal >= 0.5)")
-    print(json.dumps({"bench": "net-tx", "frame_bytes": "60..1514" if args.mixed else 64, "frames": frames, "queue": q,
-                      "notifications": args.rounds, "repeat": args.repeat,
-                      "vmmd_frames_per_s": round(vmmd_fps), "raw_c_frames_per_s": round(c_fps),
-                      "vmmd_ns_per_frame": round(best["vmmd"] / frames * 1e9, 1),
-                      "raw_c_ns_per_frame": round(best["c"] / frames * 1e9, 1),
-                      "ratio": round(ratio, 3), "goal": 0.5, "tx_dropped": stats["tx_dropped"]}))
-    return 0
+    return finish({"bench": "net-tx", "frame_bytes": "60..1514" if args.mixed else 64, "frames": frames, "queue": q,
+                   "notifications": args.rounds, "repeat": args.repeat,
+                   "vmmd_frames_per_s": round(vmmd_fps), "raw_c_frames_per_s": round(c_fps),
+                   "vmmd_ns_per_frame": round(best["vmmd"] / frames * 1e9, 1),
+                   "raw_c_ns_per_frame": round(best["c"] / frames * 1e9, 1),
+                   "ratio": round(ratio, 3), "goal": 0.5, "tx_dropped": stats["tx_dropped"]}, {"ratio": ratio >= 0.5})
 
 
 if __name__ == "__main__":

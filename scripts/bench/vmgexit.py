@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchError, emit_json, firmware, rate_by_difference, run_vmmd_guest  # noqa: E402
+from common import EXIT_NOT_RUN, BenchError, finish, firmware, rate_by_difference, run_vmmd_guest  # noqa: E402
 
 GOAL = 1.3
 MODES = {0: "bare doorbell", 1: "GHCB CPUID", 2: "GHCB IOIO OUT", 3: "MSR-protocol SEV_INFO"}
@@ -161,8 +161,7 @@ def main() -> int:
     figures.update({"ratio": round(ratio, 3), "ratio_goal": GOAL, "goal_met": ratio <= GOAL,
                     "ratio_definition": "(bare_us_per_event - bare_service_us + event_service_us) / "
                                         "bare_us_per_event, worst of cpuid and ioio"})
-    emit_json(figures)
-    return 0
+    return finish(figures, {"ratio": ratio <= GOAL})
 
 
 if __name__ == "__main__":
@@ -170,4 +169,4 @@ if __name__ == "__main__":
         sys.exit(main())
     except BenchError as err:
         print(f"vmgexit.py: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_NOT_RUN)
