@@ -150,3 +150,28 @@ def test_missing_bridge_is_a_host_error(netns_name):
     proc = run_in_netns(netns_name, "plain", "tap:no-such-br")
     assert proc.returncode == 3 and "bridge 'no-such-br' does not exist" in proc.stderr, proc.stderr
     assert not any(name.startswith("vmmd-") for name in links(netns_name))
+
+
+def test_two_foreground_runs_with_a_tap_each_get_their_own(netns_name):
+    """vmctl run names its guest run-PID by default, so its tap (vmmd-run-PID) and MAC differ from any other's."""
+    from pyroute2 import netns
+
+    procs = [subprocess.Popen([sys.executable, "-m", "vmmd.cli", "run", guest("spin"), "-p", "plain", "-t", "4",
+                               "--net", "tap"], preexec_fn=lambda: netns.setns(netns_name),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    ends = [p.communicate(timeout=40) for p in procs]
+    for proc, (_out, err) in zip(procs, ends, strict=True):
+        assert proc.returncode == 6, err  # both ran to their timeout; neither failed to make its tap
+        assert "guest ended (timeout" in err
+
+
+def test_a_named_run_keeps_its_name(netns_name):
+    r = run_in_netns(netns_name, "plain", "tap", image="hello")
+    assert r.returncode == 0, r.stderr
+    from pyroute2 import netns
+
+    named = subprocess.run([sys.executable, "-m", "vmmd.cli", "run", guest("hello"), "-p", "plain", "-t", "10",
+                            "--net", "tap", "--name", "web1"], preexec_fn=lambda: netns.setns(netns_name),
+                           capture_output=True, text=True, timeout=40, cwd=REPO)
+    assert named.returncode == 0 and "vmmd-web1" in named.stderr, named.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import vmctl
+from tests.e2e.conftest import guest, vmctl
 from vmmd.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,21 +54,28 @@ def test_reset_vector_needs_whole_pages(tmp_path) -> None:
     assert r.returncode == ExitCode.HOST_ERROR and "not a multiple of 4 KiB" in r.stderr
 
 
-@pytest.mark.skipif(not OVMF_CODE.exists(), reason="Debian's ovmf package is not installed (make test installs it)")
-def test_ovmf_is_detected_and_its_emulated_digest_matches_vmctl_measure() -> None:
+@pytest.mark.parametrize("cpu_type", [None, "EPYC-Milan"])
+def test_ovmf_is_detected_and_its_emulated_digest_matches_vmctl_measure(cpu_type: str | None) -> None:
     """OVMF is recognised by its footer table, mapped below 4 GiB and started; the launch digest sev-es-emu
-    reports equals the offline prediction for the same vCPU signature. (This host's instruction emulator
-    stops OVMF early, e.g. at x87 FNINIT: the run must still end with a reason, never a traceback.)"""
-    r = vmctl("run", str(OVMF_CODE), "-p", "sev-es-emu", "-m", "256M", "-t", "3")
+    reports names the CPU type it assumes and equals `vmctl measure` for the same type (EPYC-v4 by default
+    for both). (This host's instruction emulator stops OVMF early, e.g. at x87 FNINIT: the run must still end
+    with a reason, never a traceback.)"""
+    extra = ["--cpu-type", cpu_type] if cpu_type else []
+    r = vmctl("run", str(OVMF_CODE), "-p", "sev-es-emu", "-m", "256M", "-t", "3", *extra)
     assert "Traceback" not in r.stderr
     assert r.returncode in (ExitCode.TIMEOUT, ExitCode.GUEST_CRASH), r.stderr
     assert "guest ended" in r.stderr
-    digest = re.search(r"launch digest \(what sev-es hardware would measure[^)]*\): ([0-9a-f]{64})", r.stderr)
-    assert digest
-    from vmmd.kvm import Kvm
-    from vmmd.machine.cpuid import build_cpuid_table
-
-    signature = build_cpuid_table(Kvm().get_supported_cpuid(), 1, "sev-es-emu").lookup(1)[0]
-    m = vmctl("measure", str(OVMF_CODE), "--vcpus", "1", "--cpu-type", hex(signature), "--json")
+    digest = re.search(r"launch digest \(what sev-es hardware would measure: .*, CPU ([^:]+): family .*\): "
+                       r"([0-9a-f]{64})", r.stderr)
+    assert digest, r.stderr
+    assert digest.group(1) == (cpu_type or "EPYC-v4")
+    m = vmctl("measure", str(OVMF_CODE), "--vcpus", "1", *extra, "--json")
     assert m.returncode == 0, m.stderr
-    assert json.loads(m.stdout)["digest"] == digest.group(1)
+    assert json.loads(m.stdout)["digest"] == digest.group(2)
+
+
+def test_cpu_type_is_refused_where_it_means_nothing() -> None:
+    r = vmctl("run", guest("hello"), "-p", "plain", "--cpu-type", "EPYC")
+    assert r.returncode == ExitCode.HOST_ERROR and "applies to sev-es-emu's predicted digest only" in r.stderr
+    r = vmctl("run", str(OVMF_CODE), "-p", "sev-es-emu", "-t", "3", "--cpu-type", "Pentium")
+    assert r.returncode == ExitCode.HOST_ERROR and "unknown vCPU type 'Pentium'" in r.stderr

@@ -58,6 +58,7 @@ def test_defaults_and_relative_firmware():
     (f'firmware = "{FW}"\ntimeout = -1\n', "timeout", "above 0"),
     (f'firmware = "{FW}"\nowner = "no-such-user-xyz"\n', "owner", "no such user"),
     (f'firmware = "{FW}"\nname = "bad/name"\n', "name", "not valid"),
+    (f'firmware = "{FW}"\nname = "run-4242"\n', "name", "reserved: run-NUMBER names the guests of `vmctl run`"),
     (f'firmware = "{FW}"\n[policy]\nflags = ["NODEBUG"]\n', "policy.flags", "unknown SEV policy flag"),
     (f'firmware = "{FW}"\n[policy]\nlevel = 3\n', "policy.level", "allowed: policy.flags"),
     (f'firmware = "{FW}"\n[console]\nring = "1K"\n', "console.ring", "4K..16M"),
@@ -112,3 +113,24 @@ def test_network_section_maps_to_net_spec(tmp_path) -> None:
         with pytest.raises(DefinitionError) as err:
             load_file(path)
         assert f"key '{key}'" in str(err.value) and str(path) in str(err.value)
+
+
+def test_every_net_option_is_a_network_key(tmp_path) -> None:
+    """[network] takes exactly the options `vmctl run --net` does (NET_OPTIONS), "_" for "-"."""
+    from vmmd.daemon.definitions import DefinitionError, load_file
+    from vmmd.net.attach import NET_OPTIONS, parse_net_spec
+
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"\xf4" * 16)
+    path = tmp_path / "g.toml"
+    values = {"mac": '"02:00:00:aa:bb:cc"', "mtu": "9000", "ifname": '"tap-web"', "host-ip": '"10.9.0.1/24"'}
+    body = "\n".join(f"{o.replace('-', '_')} = {values[o] if takes_value else 'true'}"
+                     for o, takes_value in NET_OPTIONS.items())
+    path.write_text(f'firmware = "{firmware}"\n[network]\nmode = "tap"\nbridge = "br9"\n{body}\n')
+    spec = parse_net_spec(load_file(path).net)
+    assert (spec.ifname, spec.host_ip, spec.mtu, spec.vnet_hdr, spec.create_bridge) == \
+        ("tap-web", "10.9.0.1/24", 9000, True, True)
+    path.write_text(f'firmware = "{firmware}"\n[network]\nhost_ip = "10.9.0.1/24"\n')
+    with pytest.raises(DefinitionError) as err:
+        load_file(path)
+    assert "network.host_ip" in str(err.value) and "needs mode" in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 import click
 
@@ -31,20 +32,31 @@ from vmmd.errors import ExitCode, VmmdError
                    "mac=, mtu=, ifname=, create-bridge, vnet-hdr, host-ip=A.B.C.D/N (docs/networking.md)")
 @click.option("--stdin-console", is_flag=True,
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
+@click.option("--name", "-n", default=None,
+              help="the guest's name: its tap is vmmd-NAME, its MAC derives from it (default run-PID, unique)")
+@click.option("--cpu-type", default=None,
+              help="sev-es-emu: the CPU model (QEMU name or CPUID 1 EAX) the reported digest of a reset-vector "
+                   "image assumes, as `vmctl measure --cpu-type` (default EPYC-v4)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
-def run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | None, console_path: str | None,
-        guest_arg: str, firmware_type: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
+def run(**options) -> None:
     """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
     # While the guest runs, Machine.run() turns SIGINT/SIGTERM into a clean stop (exit 130); before and after,
     # they end vmctl the same way, with a sentence instead of a traceback or SIGTERM's default exit 143.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _run(firmware, memory, cpus, platform, timeout, console_path, guest_arg, firmware_type, net, stdin_console,
-             quiet)
+        _run(SimpleNamespace(**options))
     except KeyboardInterrupt:
         click.echo("\nvmctl: interrupted (SIGINT/SIGTERM) while the VM was being set up or torn down; nothing is "
                    "left running", err=True)
         sys.exit(int(ExitCode.INTERRUPTED))
+
+
+RUN_NAME_PREFIX = "run-"  # default names of foreground guests; vmmd refuses them for its own (definitions.py)
+
+
+def default_run_name() -> str:
+    """A name no other foreground run has now (the pid is unique while we run) and no daemon guest may take."""
+    return f"{RUN_NAME_PREFIX}{os.getpid()}"
 
 
 def _same_terminal(a, b) -> bool:
@@ -55,44 +67,67 @@ def _same_terminal(a, b) -> bool:
         return False
 
 
+def _apply_cpu_type(platform, cpu_type: str | None) -> None:
+    """--cpu-type shapes only the digest sev-es-emu predicts; elsewhere it has no meaning, so it is refused."""
+    if cpu_type is None:
+        return
+    if platform.name != "sev-es-emu":
+        raise VmmdError(f"--cpu-type applies to sev-es-emu's predicted digest only; on {platform.name} "
+                        + ("the launch measures the host's own CPU" if platform.name == "sev-es" else
+                           "nothing is measured"), ExitCode.HOST_ERROR)
+    from vmmd.sev.cpu_types import resolve_cpu_sig
+
+    resolve_cpu_sig(cpu_type)  # VmmdError naming the known models
+    platform.inputs.cpu_type = cpu_type
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _run(firmware: str, memory: str, cpus: int, platform: str, timeout: float | None, console_path: str | None,
-         guest_arg: str, firmware_type: str, net: str | None, stdin_console: bool, quiet: bool) -> None:
+def _run(o: SimpleNamespace) -> None:
+    from vmmd.daemon.protocol import NAME_RE
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig, parse_size
     from vmmd.machine.machine import Machine
     from vmmd.platforms import select_platform
 
     try:
-        arg = int(guest_arg, 0)
+        arg = int(o.guest_arg, 0)
     except ValueError:
-        _fail(f"--guest-arg {guest_arg!r} is not a number", ExitCode.USAGE)
+        _fail(f"--guest-arg {o.guest_arg!r} is not a number", ExitCode.USAGE)
+    name = o.name or default_run_name()
+    if not NAME_RE.fullmatch(name):
+        _fail(f"--name {name!r} is not valid: 1-63 of A-Z a-z 0-9 . _ - starting with a letter or digit",
+              ExitCode.USAGE)
+    quiet = o.quiet
     out = None
     try:
-        config = MachineConfig(firmware=firmware, memory_bytes=parse_size(memory), cpus=cpus, platform=platform,
-                               timeout=timeout, guest_arg=arg, firmware_type=firmware_type, net=net).validate()
-        chosen, note = select_platform(platform)
-        if console_path is not None:
-            out = open(console_path, "wb")
+        config = MachineConfig(firmware=o.firmware, memory_bytes=parse_size(o.memory), cpus=o.cpus,
+                               platform=o.platform, timeout=o.timeout, guest_arg=arg, name=name,
+                               firmware_type=o.firmware_type, net=o.net).validate()
+        chosen, note = select_platform(o.platform)
+        _apply_cpu_type(chosen, o.cpu_type)
+        if o.console_path is not None:
+            out = open(o.console_path, "wb")
         elif sys.stdout is None:
             raise VmmdError("standard output is closed: give --console FILE for the guest's serial output",
                             ExitCode.USAGE)
-        interactive = stdin_console or (sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty())
+        interactive = o.stdin_console or (sys.stdin is not None and not sys.stdin.closed and sys.stdin.isatty())
         # Interactive: show every byte at once (prompts and echoes end in no newline); else write per line.
         console = Console(out if out is not None else sys.stdout.buffer, line_buffered=not interactive, threaded=True)
         machine = Machine(config, chosen, console.write).build()
         machine.stop_listeners.append(console.release)
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
+            if machine.network is not None:
+                click.echo(f"vmctl: guest {name}: virtio-net on tap {machine.network.tap_name}, guest MAC "
+                           f"{machine.network.guest_mac}", err=True)
             launch = getattr(chosen, "launch_result", None)
             if launch is None and getattr(machine, "launch_note", None):
                 click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)
             if launch is not None:
-                what = "measured" if chosen.encrypts else (
-                    f"what sev-es hardware would measure with KVM_SEV_INIT2, C-bit {chosen.inputs.c_bit}")
+                what = "measured" if chosen.encrypts else f"what sev-es hardware would measure: {chosen.assumed}"
                 click.echo(f"vmctl: launch digest ({what}): {launch.expected_digest.hex()}", err=True)
     except VmmdError as err:
         if out is not None:

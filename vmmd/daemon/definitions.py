@@ -23,6 +23,10 @@ sent ad hoc by `vmctl start -f FILE`. Every error names the file, the key and wh
     create_bridge = false         # create the bridge when it does not exist (removed with the guest)
     mac = "02:..."                # the guest's MAC (default: derived stably from the guest name)
     mtu = 1500                    # the tap's MTU
+    ifname = "tap-web"            # the tap's name (default vmmd-NAME)
+    host_ip = "10.0.2.2/24"       # the host side's address (on the tap, or on a bridge this guest creates)
+    vnet_hdr = false              # open the tap with IFF_VNET_HDR
+                                  # (the options of `vmctl run --net`, with "_" for "-")
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ TOP_KEYS = ("name", "firmware", "memory", "vcpus", "platform", "timeout", "guest
             "policy", "console", "network")
 POLICY_KEYS = ("flags", "api_major", "api_minor")
 CONSOLE_KEYS = ("ring", "log")
-NETWORK_KEYS = ("mode", "bridge", "create_bridge", "mac", "mtu")
 NETWORK_MODES = ("none", "tap")
 MIN_RING, MAX_RING, DEFAULT_RING = 4 << 10, 16 << 20, 64 << 10
 MAX_DEFINITION_BYTES = 32 * 1024
+RESERVED_NAME_RE = re.compile(r"run-[0-9]+")  # vmmd.cli.run.default_run_name()
 
 
 class DefinitionError(VmmdError):
@@ -146,6 +150,53 @@ def _policy(source: str, value: Any) -> int:
     return policy
 
 
+def _network(source: str, network: Any) -> str | None:
+    """The [network] table as the `--net` string it means: the same options (NET_OPTIONS), "_" for "-"."""
+    from vmmd.net.attach import NET_OPTIONS, parse_net_spec
+
+    if not isinstance(network, dict):
+        raise _fail(source, "network", "must be a table: [network] mode = \"none\" | \"tap\"")
+    keys = {option.replace("-", "_"): option for option in NET_OPTIONS}
+    _check_keys(source, network, ("mode", "bridge", *keys), "network.")
+    mode = network.get("mode", "none")
+    if mode not in NETWORK_MODES:
+        raise _fail(source, "network.mode", f"{mode!r} is not one of: {', '.join(NETWORK_MODES)}")
+    bridge = network.get("bridge")
+    if bridge is not None and (mode != "tap" or not isinstance(bridge, str) or not bridge):
+        raise _fail(source, "network.bridge", "only with mode = \"tap\", as a bridge interface name")
+    options = []
+    for key, option in keys.items():
+        if key not in network:
+            continue
+        value = network[key]
+        if mode != "tap":
+            raise _fail(source, f"network.{key}", "needs mode = \"tap\"")
+        if NET_OPTIONS[option]:  # a value: a string, or a number for mtu
+            if isinstance(value, bool) or not isinstance(value, str | int) or (isinstance(value, str) and
+                                                                                 ("," in value or not value)):
+                raise _fail(source, f"network.{key}", f"must be a value such as --net {option}=... takes, got "
+                            f"{value!r}")
+            options.append(f"{option}={value}")
+        else:
+            if not isinstance(value, bool):
+                raise _fail(source, f"network.{key}", "must be true or false")
+            if not value:
+                continue
+            options.append(option)
+        try:  # each option checked on its own first, so the error names its key
+            parse_net_spec(",".join(["tap" + (f":{bridge}" if bridge else ""), options[-1]]))
+        except VmmdError as err:
+            raise _fail(source, f"network.{key}", str(err)) from None
+    if mode != "tap":
+        return None
+    net = ",".join(["tap" + (f":{bridge}" if bridge else ""), *options])
+    try:
+        parse_net_spec(net)
+    except VmmdError as err:
+        raise _fail(source, "network", str(err)) from None
+    return net
+
+
 def parse_definition(text: str, source: str, default_name: str | None = None, default_owner: int = 0,
                      base_dir: Path | None = None) -> GuestDefinition:
     """Validate one TOML definition. `source` names it in errors; relative firmware paths resolve
@@ -162,6 +213,9 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
         raise _fail(source, "name", "missing (an ad-hoc definition must name its guest)")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise _fail(source, "name", f"{name!r} is not valid: 1-63 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    if RESERVED_NAME_RE.fullmatch(name):
+        raise _fail(source, "name", f"{name!r} is reserved: run-NUMBER names the guests of `vmctl run` (their taps "
+                    "would collide)")
     if "firmware" not in data:
         raise _fail(source, "firmware", "missing: the path of a flat 64-bit firmware image is required")
     if not isinstance(data["firmware"], str) or not data["firmware"]:
@@ -205,41 +259,7 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
         if not isinstance(console["log"], bool):
             raise _fail(source, "console.log", "must be true or false")
         definition.log_console = console["log"]
-    network = data.get("network", {})
-    if not isinstance(network, dict):
-        raise _fail(source, "network", "must be a table: [network] mode = \"none\" | \"tap\"")
-    _check_keys(source, network, NETWORK_KEYS, "network.")
-    mode = network.get("mode", "none")
-    if mode not in NETWORK_MODES:
-        raise _fail(source, "network.mode", f"{mode!r} is not one of: {', '.join(NETWORK_MODES)}")
-    bridge = network.get("bridge")
-    if bridge is not None and (mode != "tap" or not isinstance(bridge, str) or not bridge):
-        raise _fail(source, "network.bridge", "only with mode = \"tap\", as a bridge interface name")
-    options = []
-    if "create_bridge" in network:
-        if not isinstance(network["create_bridge"], bool) or (network["create_bridge"] and not bridge):
-            raise _fail(source, "network.create_bridge", "must be true or false, and true needs network.bridge")
-        if network["create_bridge"]:
-            options.append("create-bridge")
-    if "mac" in network:
-        if not isinstance(network["mac"], str) or not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
-                                                                     network["mac"]):
-            raise _fail(source, "network.mac", "must be a MAC address like \"02:00:00:12:34:56\"")
-        options.append(f"mac={network['mac']}")
-    if "mtu" in network:
-        if not isinstance(network["mtu"], int) or isinstance(network["mtu"], bool) or not 68 <= network["mtu"] <= 65535:
-            raise _fail(source, "network.mtu", "must be an integer from 68 to 65535")
-        options.append(f"mtu={network['mtu']}")
-    if options and mode != "tap":
-        raise _fail(source, "network", "create_bridge, mac and mtu need mode = \"tap\"")
-    if mode == "tap":
-        definition.net = ",".join(["tap" + (f":{bridge}" if bridge else ""), *options])
-        from vmmd.net.attach import parse_net_spec
-
-        try:
-            parse_net_spec(definition.net)
-        except VmmdError as err:
-            raise _fail(source, "network", str(err)) from None
+    definition.net = _network(source, data.get("network", {}))
     try:
         definition.machine_config().validate()
     except VmmdError as err:

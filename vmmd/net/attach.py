@@ -46,6 +46,11 @@ class NetSpec:
     host_ip: str | None = None
 
 
+# The one set of options, `--net tap[:BRIDGE],NAME=VALUE,FLAG` and a definition's [network] table (where names
+# use "_" for "-": host_ip, create_bridge, vnet_hdr): name -> True for a value option, False for a flag.
+NET_OPTIONS = {"mac": True, "mtu": True, "ifname": True, "host-ip": True, "create-bridge": False, "vnet-hdr": False}
+
+
 def parse_net_spec(text: str) -> NetSpec:
     """'tap[:BRIDGE][,key=value|flag...]' -> NetSpec; VmmdError naming the bad part."""
     head, *options = [part.strip() for part in text.split(",")]
@@ -79,7 +84,8 @@ def parse_net_spec(text: str) -> NetSpec:
                 tap._split_cidr(value)
                 spec.host_ip = value
             else:
-                raise ValueError("unknown option (known: mac=, mtu=, ifname=, host-ip=, create-bridge, vnet-hdr)")
+                known = ", ".join(f"{k}=" if v else k for k, v in NET_OPTIONS.items())
+                raise ValueError(f"unknown option (known: {known})")
         except ValueError as err:
             raise VmmdError(f"--net {text!r}: option {option!r}: {err}") from None
     if spec.create_bridge and spec.bridge is None:
@@ -101,6 +107,10 @@ class NetworkHandle:
     @property
     def tap_name(self) -> str:
         return self.tap.name
+
+    @property
+    def guest_mac(self) -> str:
+        return names.format_mac(self.device.mac)
 
     def close(self) -> None:
         steps = [("stop the device thread", self.device.close),

@@ -27,6 +27,7 @@ from vmmd.machine.platform import MSR_GHCB, Platform
 from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext
 from vmmd.memory import GuestMemory
 from vmmd.sev import measure
+from vmmd.sev.cpu_types import DEFAULT_CPU_TYPE, decode_sig, resolve_cpu_sig
 from vmmd.sev.vmsa import VcpuState, fill_kvm_regs, fill_kvm_sregs, fill_xsave
 
 DEFAULT_HW_C_BIT = 51  # EPYC 7xx2/7xx3/9xx4 report C-bit 51 in CPUID 0x8000001F EBX[5:0]
@@ -42,6 +43,9 @@ class LaunchInputs:
     init2: bool | None = None
     vmsa_features: int = 0
     c_bit: int = DEFAULT_HW_C_BIT
+    # the CPU model whose CPUID 1 EAX a reset-vector image's VMSAs carry in a predicted digest (sev-es-emu);
+    # None: DEFAULT_CPU_TYPE, as `vmctl measure`. Hardware launches use the host's own signature.
+    cpu_type: str | None = None
 
     @property
     def uses_init2(self) -> bool:
@@ -104,6 +108,16 @@ def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_si
                                    policy=inputs.policy)
 
 
+def _assumptions(inputs: LaunchInputs, cpu_type: str | None) -> str:
+    """What a predicted digest assumes, in words: init command, C-bit, and for images whose VMSAs carry the
+    CPU signature, the CPU model."""
+    text = f"{'KVM_SEV_INIT2' if inputs.uses_init2 else 'KVM_SEV_ES_INIT'}, C-bit {inputs.c_bit}"
+    if cpu_type is not None:
+        family, model, stepping = decode_sig(resolve_cpu_sig(cpu_type))
+        text += f", CPU {cpu_type}: family {family} model {model} stepping {stepping} (see --cpu-type)"
+    return text
+
+
 def emulated_launch(machine, inputs: LaunchInputs):
     """Run the launch sequence against the software model over a hardware-layout copy of the guest's measured
     memory; returns the LaunchResult, or None (with `machine.launch_note` saying why) when the image could
@@ -111,6 +125,8 @@ def emulated_launch(machine, inputs: LaunchInputs):
     from vmmd.sev.launch import SevEsLaunch, SevModel
 
     cfg = machine.config
+    cpu_type = inputs.cpu_type or DEFAULT_CPU_TYPE
+    machine.platform.assumed = _assumptions(inputs, cpu_type if machine.image.kind == RESET_VECTOR else None)
     if machine.image.kind == RESET_VECTOR:
         copy = GuestMemory()
         copy.add_slot(machine.image.image_gpa, machine.image.image_size)
@@ -120,7 +136,7 @@ def emulated_launch(machine, inputs: LaunchInputs):
     try:
         if machine.image.kind == RESET_VECTOR:
             try:
-                plan = reset_vector_plan(copy, machine.image, cfg.cpus, machine.cpuid.lookup(1)[0], inputs)
+                plan = reset_vector_plan(copy, machine.image, cfg.cpus, resolve_cpu_sig(cpu_type), inputs)
             except (VmmdError, ValueError) as err:
                 machine.launch_note = f"not an SEV-ES launchable image: {err}"
                 return None
@@ -148,6 +164,7 @@ class SevEsEmuPlatform(Platform):
                    "nothing is attested")
 
     def __init__(self, inputs: LaunchInputs | None = None) -> None:
+        self.assumed = ""  # what the reported digest assumes, in words (set by emulated_launch)
         self.inputs = inputs or LaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
 
     def attach(self, machine, ctx: ExitContext) -> None:
