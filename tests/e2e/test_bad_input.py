@@ -31,6 +31,25 @@ def test_empty_firmware(tmp_path) -> None:
     assert "is empty" in _one_error(r)
 
 
+@pytest.mark.parametrize("command", ["run", "measure"])
+def test_files_that_are_not_flat_images_are_named_for_what_they_are(tmp_path, command: str) -> None:
+    elf = guest("hello").replace(".bin", ".elf")
+    r = vmctl(command, elf, *(["-p", "plain", "-t", "5"] if command == "run" else []))
+    assert r.returncode == ExitCode.HOST_ERROR
+    assert f"is an ELF file, not a flat image: vmmd runs the flat image next to it, {guest('hello')}" in \
+        _one_error(r)
+    volume = bytearray(64 << 10)  # a UEFI variable store: a firmware volume header, no OVMF footer table
+    volume[40:44] = b"_FVH"
+    (tmp_path / "VARS.fd").write_bytes(volume)
+    r = vmctl(command, str(tmp_path / "VARS.fd"), *(["-p", "plain", "-t", "5"] if command == "run" else []))
+    assert r.returncode == ExitCode.HOST_ERROR and "UEFI firmware volume without OVMF's footer" in _one_error(r)
+    kernel = bytearray(4096)
+    kernel[0x202:0x206] = b"HdrS"
+    (tmp_path / "vmlinuz").write_bytes(kernel)
+    r = vmctl(command, str(tmp_path / "vmlinuz"), *(["-p", "plain", "-t", "5"] if command == "run" else []))
+    assert r.returncode == ExitCode.HOST_ERROR and "a Linux kernel (bzImage): boot it with --kernel" in _one_error(r)
+
+
 def test_firmware_larger_than_ram(tmp_path) -> None:
     path = tmp_path / "big.bin"
     path.write_bytes(b"\x90" * (3 << 20))

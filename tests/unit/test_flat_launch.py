@@ -75,7 +75,7 @@ def test_vmctl_run_reports_the_digest() -> None:
     proc = subprocess.run([sys.executable, "-m", "vmmd.cli", "run", str(HELLO), "-p", "sev-es-emu", "-m", "16M",
                            "--cpus", "2", "-t", "30"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    match = re.search(r"launch digest \(what sev-es hardware would measure with KVM_SEV_INIT2, C-bit 51\): "
+    match = re.search(r"launch digest \(what sev-es hardware would measure: KVM_SEV_INIT2, C-bit 51\): "
                       r"([0-9a-f]{64})", proc.stderr)
     assert match
     assert bytes.fromhex(match.group(1)) == hardware_path_digest(HELLO, 16 << 20, 2, LaunchInputs())

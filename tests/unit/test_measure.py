@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import random
+import re
 import struct
 import uuid
 from pathlib import Path
@@ -237,7 +238,7 @@ def test_measure_then_verify_cli(fw: Path, tmp_path: Path) -> None:
     assert good.exit_code == 0 and "match" in good.output
     bad = CliRunner().invoke(verify_cmd, args + ["--measurement", blob, "--tik", str(tik), "--api-version", "0.24",
                                                  "--build", "16"])
-    assert bad.exit_code == 1 and "MISMATCH" in bad.output and "build: 16" in bad.output
+    assert bad.exit_code == 1 and "MISMATCH" in bad.output and re.search(r"build: +16\n", bad.output)
 
 
 def test_cli_host_error_exit_code(tmp_path: Path) -> None:
@@ -281,3 +282,11 @@ def test_cli_refuses_out_of_range_inputs_as_usage_errors(tmp_path: Path, args: l
 def test_cli_refuses_a_device_without_reading_it() -> None:
     res = CliRunner().invoke(measure_cmd, ["/dev/zero"])
     assert res.exit_code == 3 and "not a regular file" in res.output
+
+
+def test_human_measure_output_has_no_python_reprs() -> None:
+    flat = Path(__file__).resolve().parents[2] / "firmware" / "build" / "hello.bin"
+    out = CliRunner().invoke(measure_cmd, [str(flat), "--vcpus", "2"]).output
+    assert "None" not in out and "{" not in out and "[" not in out, out
+    assert re.search(r"policy: +0x5 \(NODBG, ES\)", out) and "2 VMSA page(s)" in out
+    assert re.search(r"0x100000 +\d+ bytes  firmware hello.bin", out), out

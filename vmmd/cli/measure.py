@@ -170,6 +170,34 @@ def _assumed(plan: LaunchPlan, firmware: Path, cpu_type: str) -> dict[str, Any]:
             "cpu_family_model_stepping": f"{family}/{model}/{stepping}", **plan.describe()}
 
 
+def _policy_words(policy: int) -> str:
+    from vmmd.sev.measure import SevPolicy
+
+    names = [flag.name for flag in SevPolicy if policy & flag]
+    api = f", API >= {(policy >> 16) & 0xFF}.{(policy >> 24) & 0xFF}" if policy >> 16 else ""
+    return f"{policy:#x} ({', '.join(names) or 'no flags'}{api})"
+
+
+def format_assumed(assumed: dict[str, Any]) -> list[str]:
+    """What a digest assumes, as `vmctl measure` prints it for people (--json gives the same as JSON)."""
+    lines = [("image", assumed["firmware"])]
+    if assumed.get("cpu_type"):
+        family, model, stepping = assumed["cpu_family_model_stepping"].split("/")
+        lines.append(("CPU", f"{assumed['cpu_type']}: family {family}, model {model}, stepping {stepping} "
+                             f"(CPUID 1 EAX {assumed['cpu_sig']}, in the VMSAs' RDX)"))
+    lines += [("vCPUs", str(assumed["vcpus"])), ("policy", _policy_words(int(assumed["policy"], 16))),
+              ("init", assumed["init"]), ("VMSA features", assumed["vmsa_features"])]
+    for key, label in (("digest", "launch digest"), ("api_version", "API version"), ("build", "build"),
+                       ("mnonce", "mnonce")):
+        if key in assumed:
+            lines.append((label, str(assumed[key])))
+    out = [f"{label + ':':<15}{value}" for label, value in lines]
+    out.append("measured, in launch order:")
+    out += [f"  {region['gpa']:>12}  {region['size']:>9} bytes  {region['name']}" for region in assumed["regions"]]
+    out.append(f"  {'':>12}  {4096 * assumed['vcpus']:>9} bytes  {assumed['vcpus']} VMSA page(s), vCPU 0 first")
+    return out
+
+
 def _plan_options(func: Any) -> Any:
     options = [
         click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False)),  # image or .toml
@@ -239,8 +267,7 @@ def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str
     click.echo(f"launch digest: {result['digest']}")
     if "measurement" in result:
         click.echo(f"measurement:   {result['measurement']}")
-    for key, value in result["assumed"].items():
-        click.echo(f"  {key}: {value}")
+    click.echo("\n".join(format_assumed(result["assumed"])))
 
 
 @click.command("verify")
@@ -273,6 +300,6 @@ def verify_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str,
         click.echo(f"  reported: {result.reported.hex()}")
         click.echo(f"  expected: {result.expected.hex()}")
         click.echo("  assuming:")
-        for key, value in result.assumed.items():
-            click.echo(f"    {key}: {value}")
+        for line in format_assumed(result.assumed):
+            click.echo(f"    {line}")
     sys.exit(0 if result.match else 1)

@@ -152,6 +152,33 @@ def read_image_file(path: str | os.PathLike, limit: int, what: str = "firmware",
     return data
 
 
+def foreign_format(data: bytes | memoryview, path: str) -> str | None:
+    """Why `data` (the start of a file given as a flat firmware image) is not one, when its first bytes say it
+    is something else; None when nothing gives it away (a flat image is raw code: it has no magic of its own).
+
+    Magic numbers: ELF (elf(5)); the Linux boot protocol's "HdrS" at 0x202 (Documentation/arch/x86/boot.rst);
+    a UEFI firmware volume, "_FVH" at byte 40 (PI spec vol. 3, EFI_FIRMWARE_VOLUME_HEADER.Signature), which is
+    what OVMF_VARS.fd is; PE/COFF "MZ"; compressed archives."""
+    head = bytes(data[:0x210])
+    if head[:4] == b"\x7fELF":
+        flat = os.path.splitext(path)[0] + ".bin"
+        hint = (f"vmmd runs the flat image next to it, {flat}" if os.path.exists(flat) else
+                "vmmd runs flat images: objcopy -O binary turns a firmware ELF into one")
+        return f"an ELF file, not a flat image: {hint} (a Linux vmlinux boots with --kernel)"
+    if head[0x202:0x206] == b"HdrS":
+        return "a Linux kernel (bzImage): boot it with --kernel (and --initrd, --append)"
+    if head[40:44] == b"_FVH":
+        return ("a UEFI firmware volume without OVMF's footer table, so not firmware vmmd can start (OVMF_VARS "
+                "files hold UEFI variables, not code: run OVMF_CODE)")
+    if head[:2] == b"MZ":
+        return "a PE/COFF (EFI or Windows) executable, not a flat image"
+    for magic, what in ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                        (b"BZh", "bzip2"), (b"QFI\xfb", "qcow2 disk")):
+        if head.startswith(magic):
+            return f"{what} data, not a flat image"
+    return None
+
+
 def read_firmware(path: str | os.PathLike, memory_bytes: int, limit: int | None = None) -> bytes:
     """A flat image that fits the RAM above FIRMWARE_LOAD_GPA, or (with `limit`) a reset-vector image."""
     p = os.fspath(path)
@@ -163,6 +190,10 @@ def read_firmware(path: str | os.PathLike, memory_bytes: int, limit: int | None 
                                f"{L.FIRMWARE_LOAD_GPA:#x}: give the guest more memory (--memory)")
     if not data:
         raise VmmdError(f"firmware {p} is empty")
+    if limit is None:
+        why = foreign_format(data, p)
+        if why is not None:
+            raise VmmdError(f"firmware {p} is {why}")
     return data
 
 
