@@ -16,7 +16,7 @@ TIMEOUT ?= 60
 # apt-get update does not wait for the lists lock, so apt_install retries it.
 APT_OPTS := -o DPkg::Lock::Timeout=600
 
-.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean
+.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean install uninstall
 
 all: deps firmware
 
@@ -43,6 +43,45 @@ bench: deps firmware bench-deps
 
 firmware:
 	$(MAKE) -C firmware
+
+# make install: vmmd for the systemd service, in FHS places (DESTDIR for staging). A virtual environment of its
+# own under $(LIBDIR) (the package and its dependencies, not editable), vmmd and vmctl linked into $(BINDIR),
+# the firmware images in $(DATADIR), the unit where systemd looks for local units, and the example definition
+# in /etc/vmmd/vms/ unless a file of that name exists (a user's definitions are never overwritten). As root
+# and without DESTDIR it also creates the system group vmmd the unit names. Then: systemctl daemon-reload;
+# systemctl enable --now vmmd.
+PREFIX ?= /usr/local
+BINDIR := $(PREFIX)/bin
+LIBDIR := $(PREFIX)/lib/vmmd
+DATADIR := $(PREFIX)/share/vmmd
+UNITDIR := $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+install: firmware | apt-deps
+	[ -x $(DESTDIR)$(LIBDIR)/venv/bin/python ] || $(PYTHON) -m venv $(DESTDIR)$(LIBDIR)/venv
+	$(DESTDIR)$(LIBDIR)/venv/bin/python -m pip install -q --upgrade pip
+	$(DESTDIR)$(LIBDIR)/venv/bin/python -m pip install -q --upgrade --force-reinstall --no-deps .
+	$(DESTDIR)$(LIBDIR)/venv/bin/python -m pip install -q .  # its dependencies, where missing
+	$(DESTDIR)$(LIBDIR)/venv/bin/python -m compileall -q $(DESTDIR)$(LIBDIR)/venv/lib
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(DATADIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/vmmd/vms
+	ln -sf $(LIBDIR)/venv/bin/vmmd $(DESTDIR)$(BINDIR)/vmmd
+	ln -sf $(LIBDIR)/venv/bin/vmctl $(DESTDIR)$(BINDIR)/vmctl
+	install -m 0644 firmware/build/*.bin $(DESTDIR)$(DATADIR)/
+	sed 's|/usr/local/bin/vmmd|$(BINDIR)/vmmd|' scripts/systemd/vmmd.service > $(DESTDIR)$(UNITDIR)/vmmd.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/vmmd/vms/demo.toml ]; then \
+	  echo "kept the existing $(DESTDIR)$(SYSCONFDIR)/vmmd/vms/demo.toml"; \
+	else \
+	  sed 's|^firmware = .*|firmware = "$(DATADIR)/demo.bin"|' examples/demo.toml \
+	    > $(DESTDIR)$(SYSCONFDIR)/vmmd/vms/demo.toml; \
+	fi
+	@if [ -z "$(DESTDIR)" ] && [ "$(SYSCONFDIR)" = /etc ] && [ "$$(id -u)" = 0 ] && ! getent group vmmd >/dev/null; then \
+	  groupadd --system vmmd; fi
+	@echo "installed: $(BINDIR)/vmmd, $(BINDIR)/vmctl, $(DATADIR)/*.bin, $(UNITDIR)/vmmd.service," \
+	  "$(SYSCONFDIR)/vmmd/vms/demo.toml; start with: systemctl daemon-reload && systemctl enable --now vmmd"
+
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DATADIR)
+	rm -f $(DESTDIR)$(BINDIR)/vmmd $(DESTDIR)$(BINDIR)/vmctl $(DESTDIR)$(UNITDIR)/vmmd.service
+	@echo "kept $(SYSCONFDIR)/vmmd (your definitions) and the group vmmd"
 
 deps: $(VENV)/.installed
 
