@@ -11,6 +11,9 @@
  *   - CS = 0x08 (64-bit code), DS/ES/SS/FS/GS = 0x10, IDT empty, IF = 0.
  *   - RIP = load GPA of the image (its first byte is `_start`), RSP = top of
  *     this vCPU's stack, RSI = GPA of this page, RDI = vCPU index.
+ *   - vCPU n's GHCB page is ghcb_gpa + n * 4096. Up to 16 vCPUs these pages and
+ *     the stacks lie below 1 MiB; with more, in an area from the first 2 MiB
+ *     boundary after the image, listed as RESERVED (its GHCB pages SHARED).
  *
  * Version 1. A field is only ever appended; `size` says how much is valid.
  */

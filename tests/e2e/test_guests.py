@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -187,3 +188,27 @@ def test_a_signal_stops_the_vm_with_exit_130(sig: str) -> None:
         proc.kill()
     assert proc.returncode == ExitCode.INTERRUPTED, err
     assert "Traceback" not in err and ("interrupted" in err or "terminated" in err), err
+
+
+@pytest.mark.parametrize("platform", ["plain", "sev-es-emu"])
+def test_more_vcpus_than_fit_below_1_mib(platform: str) -> None:
+    """40 vCPUs: GHCB pages and stacks in the vCPU area after the image; every vCPU starts, the BSP prints, and
+    on sev-es-emu the reported digest is the one `vmctl measure` predicts for 40 vCPUs."""
+    r = vmctl("run", guest("hello"), "-p", platform, "-c", "40", "-m", "32M", "-t", "60")
+    assert r.returncode == ExitCode.SUCCESS, r.stderr
+    assert f"Hello from a vmmd guest (platform: {platform})" in r.stdout
+    if platform == "sev-es-emu":
+        reported = re.search(r"launch digest \(what sev-es hardware would measure: [^)]*\): ([0-9a-f]{64})", r.stderr)
+        measured = vmctl("measure", guest("hello"), "--vcpus", "40", "--memory", "32M", "--json")
+        assert reported and json.loads(measured.stdout)["digest"] == reported.group(1)
+
+
+def test_one_vcpu_limit_everywhere(tmp_path) -> None:
+    run = vmctl("run", guest("hello"), "-p", "plain", "-c", "256")
+    assert run.returncode == ExitCode.HOST_ERROR and "cpus must be 1..255" in run.stderr
+    measure = vmctl("measure", guest("hello"), "--vcpus", "256")
+    assert measure.returncode == ExitCode.USAGE and "1<=x<=255" in measure.stderr
+    ovmf = vmctl("measure", "/usr/share/OVMF/OVMF_CODE.fd", "--vcpus", "256")
+    assert ovmf.returncode == ExitCode.USAGE and "1<=x<=255" in ovmf.stderr
+    for help_text in (vmctl("run", "--help").stdout, vmctl("measure", "--help").stdout):
+        assert "255" in help_text

@@ -59,6 +59,16 @@ def test_emulator_digest_equals_hardware_path(emu_machine_digest: bytes) -> None
     assert emu_machine_digest == hardware_path_digest(HELLO, 16 << 20, 2, LaunchInputs())
 
 
+def test_emulator_digest_equals_hardware_path_with_a_vcpu_area() -> None:
+    machine = Machine(MachineConfig(firmware=HELLO, memory_bytes=32 << 20, cpus=40, platform="sev-es-emu"),
+                      SevEsEmuPlatform(), lambda data: None).build()
+    try:
+        digest = machine.platform.launch_result.expected_digest
+    finally:
+        machine.close()
+    assert digest == hardware_path_digest(HELLO, 32 << 20, 40, LaunchInputs())
+
+
 def test_digest_depends_on_every_input(emu_machine_digest: bytes, tmp_path) -> None:
     changed = tmp_path / "hello-changed.bin"
     data = bytearray(HELLO.read_bytes())

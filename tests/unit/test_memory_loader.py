@@ -10,7 +10,7 @@ from vmmd.machine import bootinfo as bi
 from vmmd.machine import layout as L
 from vmmd.machine.config import MachineConfig, parse_size
 from vmmd.machine.cpuid import HYPERVISOR_SIGNATURE, build_cpuid_table
-from vmmd.machine.loader import PTE_P, PTE_PS, load_flat_firmware
+from vmmd.machine.loader import PTE_P, PTE_PS, entry_regs, load_flat_firmware
 from vmmd.memory import FOUR_GIB_GPA, PCI_HOLE_START_GPA, GuestMemory, ram_layout
 
 
@@ -91,6 +91,35 @@ def test_loader_c_bit_clear_on_shared_pages(tmp_path) -> None:
     assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.GHCB_BASE_GPA >> 12)) & c == 0
     assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.SHARED_GPA >> 12)) & c == 0
     assert memory.read_u64(L.PT_LOW_GPA + 8 * (L.BOOTINFO_GPA >> 12)) & c
+
+
+def test_more_than_16_vcpus_get_their_own_area_after_the_image(tmp_path) -> None:
+    """vCPUs past the 16 that fit below 1 MiB: GHCB pages (shared, 4 KiB PTEs without the C-bit) and stacks in an
+    area from the first 2 MiB boundary after the image, reserved in the boot info, its page tables measured."""
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"\x90" * (3 << 20))  # the image itself crosses a 2 MiB boundary
+    memory = GuestMemory.with_ram(64 << 20)
+    cpus, c = 200, 1 << 51
+    loaded, _ = load_flat_firmware(memory, image, "sev-es", cpus, 0, 51, 0)
+    area = loaded.vcpu_area
+    assert area.base == 4 << 20 and area.ghcb_gpa == area.base and area.pt_count == 1
+    info = bi.vmmd_bootinfo.from_buffer_copy(memory.read(L.BOOTINFO_GPA, 4096)[:len(bytes(bi.vmmd_bootinfo()))])
+    assert info.ghcb_gpa == area.ghcb_gpa and info.cpu_count == cpus
+    ranges = [(r.gpa, r.size, r.type) for r in info.mem_ranges[:info.mem_range_count]]
+    assert (area.base, area.size, bi.VMMD_MEM_RESERVED) in ranges
+    assert (area.ghcb_gpa, cpus * 4096, bi.VMMD_MEM_SHARED) in ranges
+    pde = memory.read_u64(L.PD_BASE_GPA + 8 * (area.base >> 21))
+    assert not pde & PTE_PS and pde & ~0xFFF & ~c == area.pt_gpa  # the area's 2 MiB use 4 KiB pages
+    for cpu in (0, 17, cpus - 1):  # every GHCB page shared, the page after the last one private
+        assert memory.read_u64(area.pt_gpa + 8 * cpu) == area.ghcb_gpa + cpu * 4096 | PTE_P | 2
+    assert memory.read_u64(area.pt_gpa + 8 * cpus) & c
+    stacks = [entry_regs(loaded, i).rsp for i in range(cpus)]
+    assert len(set(stacks)) == cpus and min(stacks) > area.pt_gpa and max(stacks) == area.base + area.size
+    assert (area.pt_gpa, 4096, "page tables of the vCPU area (GHCB pages)") in loaded.measured_regions()
+    with pytest.raises(VmmdError, match="give the guest more memory"):
+        load_flat_firmware(GuestMemory.with_ram(4 << 20), image, "sev-es", cpus, 0, 51, 0)
+    with pytest.raises(VmmdError, match="vcpus must be 1..255"):
+        load_flat_firmware(GuestMemory.with_ram(64 << 20), image, "sev-es", 256, 0, 51, 0)
 
 
 def supported_leaf_1_edx(supported) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from vmmd.errors import ExitCode, VmmdError
+from vmmd.machine.layout import MAX_VCPUS
 from vmmd.sev.cpu_types import CPU_SIGS, DEFAULT_CPU_TYPE, decode_sig
 from vmmd.sev.measure import (
     DEFAULT_SEVES_POLICY,
@@ -201,7 +202,8 @@ def format_assumed(assumed: dict[str, Any]) -> list[str]:
 def _plan_options(func: Any) -> Any:
     options = [
         click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False)),  # image or .toml
-        click.option("--vcpus", type=click.IntRange(1, 1024), default=1, show_default=True),
+        click.option("--vcpus", type=click.IntRange(1, MAX_VCPUS), default=1, show_default=True,
+                     help=f"vCPUs, 1..{MAX_VCPUS} (vmmd's one limit, as vmctl run --cpus)"),
         click.option("--cpu-type", default=DEFAULT_CPU_TYPE, show_default=True,
                      help=f"QEMU model ({', '.join(CPU_SIGS)}) or a CPUID 1 EAX number"),
         click.option("--policy", default=hex(DEFAULT_SEVES_POLICY), show_default=True, help="SEV guest policy"),

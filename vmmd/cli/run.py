@@ -16,7 +16,8 @@ from vmmd.errors import ExitCode, VmmdError
 @click.command("run")
 @click.argument("firmware", type=click.Path())  # the loader checks it, with exit code 3 like every host problem
 @click.option("--memory", "-m", default="64M", show_default=True, help="guest RAM (bytes, or K/M/G suffix)")
-@click.option("--cpus", "-c", default=1, show_default=True, type=int, help="number of vCPUs")
+@click.option("--cpus", "-c", default=1, show_default=True, type=int,
+              help="number of vCPUs: 1..255, and at most what this host's KVM allows (KVM_CAP_MAX_VCPUS)")
 @click.option("--platform", "-p", default="auto", show_default=True,
               type=click.Choice(["auto", "plain", "sev-es", "sev-es-emu"]),
               help="auto picks sev-es where the host has it, else sev-es-emu")

@@ -11,11 +11,15 @@ PDPT_GPA = 0x4000  # first PDPT (0..512 GiB)
 PT_LOW_GPA = 0x5000  # 4 KiB pages for the first 2 MiB
 PD_BASE_GPA = 0x6000  # page directories, one per GiB mapped, up to 0xFFFF (10 GiB)
 MAX_PD_PAGES = 10
-GHCB_BASE_GPA = 0x10000  # GHCB page of vCPU n at GHCB_BASE_GPA + n * 4096
-MAX_VCPUS = 16
+GHCB_BASE_GPA = 0x10000  # GHCB page of vCPU n at GHCB_BASE_GPA + n * 4096 (up to LOW_AREA_VCPUS vCPUs)
+LOW_AREA_VCPUS = 16  # vCPUs whose GHCB pages and stacks fit below 1 MiB; more get a vCPU area after the image
+# The one vCPU limit of vmmd, for every image kind and command (run, measure, definitions); the host's KVM may
+# allow fewer (KVM_CAP_MAX_VCPUS, checked when a VM is built). 255: guests address vCPUs by 8-bit xAPIC IDs
+# (0xFF is the broadcast ID) in the CPUID topology vmmd presents (vmmd/machine/cpuid.py) and in MP tables.
+MAX_VCPUS = 255
 SHARED_GPA = 0x20000  # shared buffers for devices (virtio rings) on SEV platforms
 SHARED_SIZE = 0x40000
-STACKS_GPA = 0x60000  # vCPU n's stack: [STACKS_GPA + n*STACK_SIZE, + STACK_SIZE)
+STACKS_GPA = 0x60000  # vCPU n's stack: [STACKS_GPA + n*STACK_SIZE, + STACK_SIZE) (up to LOW_AREA_VCPUS)
 STACK_SIZE = 0x4000
 FIRMWARE_LOAD_GPA = 0x100000  # flat images load and start here
 RESET_VECTOR_MAX_BYTES = 16 << 20  # a reset-vector image (OVMF) ends at 4 GiB and may be this large

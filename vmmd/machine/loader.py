@@ -41,6 +41,37 @@ RESET_VECTOR = "reset-vector"  # OVMF-style image ending at 4 GiB, entered in th
 FIRMWARE_TYPES = ("auto", FLAT, RESET_VECTOR)
 
 
+@dataclass(frozen=True)
+class VcpuArea:
+    """Where a flat image's per-vCPU pages are: each vCPU's GHCB page (shared) and stack.
+
+    Up to LOW_AREA_VCPUS vCPUs they are the fixed pages below 1 MiB (layout.py). More vCPUs get an area of
+    their own from the first 2 MiB boundary after the image: the GHCB pages, then the 4 KiB page tables that
+    map them (shared pages need 4 KiB PTEs: their C-bit differs from private RAM's), then the stacks."""
+
+    ghcb_gpa: int
+    stacks_gpa: int
+    base: int = 0  # 0: the low layout; else the area [base, base + size)
+    size: int = 0
+    pt_gpa: int = 0  # the area's page tables (measured with the low area)
+    pt_count: int = 0
+
+    @classmethod
+    def for_image(cls, cpu_count: int, image_end: int) -> VcpuArea:
+        if cpu_count <= L.LOW_AREA_VCPUS:
+            return cls(L.GHCB_BASE_GPA, L.STACKS_GPA)
+        base = (image_end + (2 << 20) - 1) & ~((2 << 20) - 1)
+        ghcb_bytes = cpu_count * PAGE_SIZE
+        pt_count = (ghcb_bytes + (2 << 20) - 1) >> 21
+        stacks = base + ghcb_bytes + pt_count * PAGE_SIZE
+        return cls(base, stacks, base, stacks + cpu_count * L.STACK_SIZE - base, base + ghcb_bytes, pt_count)
+
+    def ghcb_range(self, cpu_count: int) -> tuple[int, int]:
+        """(gpa, size) of the GHCB pages: the 16 low pages, or one per vCPU in the area."""
+        return (self.ghcb_gpa, L.LOW_AREA_VCPUS * PAGE_SIZE) if not self.base else (self.ghcb_gpa,
+                                                                                    cpu_count * PAGE_SIZE)
+
+
 @dataclass
 class LoadedImage:
     path: str
@@ -49,14 +80,20 @@ class LoadedImage:
     low_area_size: int = 0  # flat: bytes from 0 written by the VMM (boot info, GDT, page tables)
     kind: str = FLAT
     image_gpa: int = L.FIRMWARE_LOAD_GPA
+    vcpu_area: VcpuArea = VcpuArea(L.GHCB_BASE_GPA, L.STACKS_GPA)
 
     def measured_regions(self) -> list[tuple[int, int, str]]:
-        """(gpa, length, name) in launch order: VMM-built structures (flat images), then the firmware image."""
+        """(gpa, length, name) in launch order: VMM-built structures (flat images), then the firmware image,
+        then the vCPU area's page tables where there is one."""
         name = f"firmware {os.path.basename(self.path)}"
         if self.kind == RESET_VECTOR:
             return [(self.image_gpa, self.image_size, name)]
-        return [(L.BOOTINFO_GPA, self.low_area_size - L.BOOTINFO_GPA, "boot info, GDT, page tables"),
-                (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, name)]
+        regions = [(L.BOOTINFO_GPA, self.low_area_size - L.BOOTINFO_GPA, "boot info, GDT, page tables"),
+                   (L.FIRMWARE_LOAD_GPA, (self.image_size + 15) & ~15, name)]
+        if self.vcpu_area.pt_count:
+            regions.append((self.vcpu_area.pt_gpa, self.vcpu_area.pt_count * PAGE_SIZE,
+                            "page tables of the vCPU area (GHCB pages)"))
+        return regions
 
 
 def firmware_kind(path: str | os.PathLike, requested: str = "auto") -> str:
@@ -203,8 +240,11 @@ def mapped_gib(memory: GuestMemory) -> int:
     return (top + GIB - 1) // GIB
 
 
-def build_page_tables(memory: GuestMemory, c_bit: int = 0, shared: list[tuple[int, int]] = ()) -> int:
-    """Identity-map 0..4 GiB (MMIO included) and RAM above it; returns CR3."""
+def build_page_tables(memory: GuestMemory, c_bit: int = 0, shared: list[tuple[int, int]] = (),
+                      small: list[tuple[int, int]] = ()) -> int:
+    """Identity-map 0..4 GiB (MMIO included) and RAM above it; returns CR3. The first 2 MiB, and each 2 MiB
+    region in `small` ((region gpa, gpa of its page table)), use 4 KiB pages, so that pages in `shared` can be
+    mapped without the C-bit."""
     enc = (1 << c_bit) if c_bit else 0
     gib_count = mapped_gib(memory)
     if gib_count > L.MAX_PD_PAGES:
@@ -219,11 +259,12 @@ def build_page_tables(memory: GuestMemory, c_bit: int = 0, shared: list[tuple[in
     memory.write(L.PDPT_GPA, pdpt.tobytes())
     large = PTE_P | PTE_RW | PTE_PS | enc
     directories = array.array("Q", (gpa | large for gpa in range(0, gib_count * GIB, 2 << 20)))
-    directories[0] = L.PT_LOW_GPA | enc | PTE_P | PTE_RW  # the first 2 MiB use 4 KiB pages
+    for region, table in [(0, L.PT_LOW_GPA), *small]:
+        directories[region >> 21] = table | enc | PTE_P | PTE_RW
+        ptes = array.array("Q", (gpa | (0 if is_shared(gpa) else enc) | PTE_P | PTE_RW
+                                 for gpa in range(region, region + (2 << 20), PAGE_SIZE)))
+        memory.write(table, ptes.tobytes())
     memory.write(L.PD_BASE_GPA, directories.tobytes())
-    ptes = array.array("Q", (gpa | (0 if is_shared(gpa) else enc) | PTE_P | PTE_RW
-                             for gpa in range(0, 512 * PAGE_SIZE, PAGE_SIZE)))
-    memory.write(L.PT_LOW_GPA, ptes.tobytes())
     return L.PML4_GPA | enc
 
 
@@ -233,11 +274,12 @@ def write_gdt(memory: GuestMemory) -> None:
 
 
 def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_port: int, c_bit: int,
-                   guest_arg: int, virtio_net_gpa: int = 0) -> None:
+                   guest_arg: int, virtio_net_gpa: int = 0, area: VcpuArea | None = None) -> None:
+    area = area or VcpuArea.for_image(cpu_count, 0)
     info = bi.vmmd_bootinfo(magic=bi.VMMD_BOOTINFO_MAGIC, version=bi.VMMD_BOOTINFO_VERSION,
                             size=ctypes.sizeof(bi.vmmd_bootinfo), platform=bi.PLATFORM_CODES[platform],
                             cpu_count=cpu_count, console_port=L.CONSOLE_PORT, debug_exit_port=L.DEBUG_EXIT_PORT,
-                            doorbell_port=doorbell_port, ghcb_gpa=L.GHCB_BASE_GPA, shared_gpa=L.SHARED_GPA,
+                            doorbell_port=doorbell_port, ghcb_gpa=area.ghcb_gpa, shared_gpa=L.SHARED_GPA,
                             shared_size=L.SHARED_SIZE, c_bit=c_bit, guest_arg=guest_arg & (2**64 - 1),
                             mmio_testdev_gpa=L.MMIO_TESTDEV_GPA, virtio_net_gpa=virtio_net_gpa)
     ranges = [(0, L.FIRMWARE_LOAD_GPA, bi.VMMD_MEM_RESERVED)]
@@ -245,7 +287,9 @@ def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_
         start = max(gpa, L.FIRMWARE_LOAD_GPA)
         if start < gpa + size:
             ranges.append((start, gpa + size - start, bi.VMMD_MEM_RAM))
-    ranges.append((L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE, bi.VMMD_MEM_SHARED))
+    if area.base:
+        ranges.append((area.base, area.size, bi.VMMD_MEM_RESERVED))  # GHCB pages, their page tables, stacks
+    ranges.append((*area.ghcb_range(cpu_count), bi.VMMD_MEM_SHARED))
     ranges.append((L.SHARED_GPA, L.SHARED_SIZE, bi.VMMD_MEM_SHARED))
     for i, (gpa, size, kind) in enumerate(ranges):
         info.mem_ranges[i] = bi.vmmd_mem_range(gpa=gpa, size=size, type=kind)
@@ -257,15 +301,21 @@ def load_flat_firmware(memory: GuestMemory, path: str | os.PathLike, platform: s
                        doorbell_port: int = 0,
                        c_bit: int = 0, guest_arg: int = 0, virtio_net_gpa: int = 0) -> tuple[LoadedImage, int]:
     """Write image + VMM structures into guest RAM; returns (image, cr3)."""
-    if cpu_count > L.MAX_VCPUS:
-        raise VmmdError(f"at most {L.MAX_VCPUS} vCPUs are supported, {cpu_count} were asked for")
+    if not 1 <= cpu_count <= L.MAX_VCPUS:
+        raise VmmdError(f"vcpus must be 1..{L.MAX_VCPUS}, got {cpu_count}")
     data = read_firmware(path, memory.ram_bytes)
+    area = VcpuArea.for_image(cpu_count, L.FIRMWARE_LOAD_GPA + len(data))
+    if area.base and not memory.contains(area.base, area.size):
+        raise VmmdError(f"{cpu_count} vCPUs need {area.size >> 10} KiB for their GHCB pages and stacks after the "
+                        f"image, up to {area.base + area.size:#x}: give the guest more memory (--memory)")
     memory.write(L.FIRMWARE_LOAD_GPA, data)
-    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg, virtio_net_gpa)
+    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg, virtio_net_gpa, area)
     write_gdt(memory)
-    shared = [(L.GHCB_BASE_GPA, L.MAX_VCPUS * PAGE_SIZE), (L.SHARED_GPA, L.SHARED_SIZE)]
-    cr3 = build_page_tables(memory, c_bit, shared)
-    image = LoadedImage(os.fspath(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + mapped_gib(memory) * PAGE_SIZE)
+    shared = [area.ghcb_range(cpu_count), (L.SHARED_GPA, L.SHARED_SIZE)]
+    small = [(area.base + i * (2 << 20), area.pt_gpa + i * PAGE_SIZE) for i in range(area.pt_count)]
+    cr3 = build_page_tables(memory, c_bit, shared, small)
+    image = LoadedImage(os.fspath(path), L.FIRMWARE_LOAD_GPA, len(data), L.PD_BASE_GPA + mapped_gib(memory) * PAGE_SIZE,
+                        vcpu_area=area)
     return image, cr3
 
 
@@ -296,5 +346,5 @@ def long_mode_sregs(sregs: uapi.kvm_sregs, cr3: int, xsave: bool) -> uapi.kvm_sr
 
 
 def entry_regs(image: LoadedImage, vcpu_index: int) -> uapi.kvm_regs:
-    return uapi.kvm_regs(rip=image.entry_gpa, rsp=L.STACKS_GPA + (vcpu_index + 1) * L.STACK_SIZE,
+    return uapi.kvm_regs(rip=image.entry_gpa, rsp=image.vcpu_area.stacks_gpa + (vcpu_index + 1) * L.STACK_SIZE,
                          rsi=L.BOOTINFO_GPA, rdi=vcpu_index, rflags=0x2)

@@ -19,7 +19,7 @@ from vmmd.devices.testdev import TestDev
 from vmmd.devices.uart import Uart16550
 from vmmd.errors import ExitCode, VmmdError, VmStop
 from vmmd.hostcpu import host_cpuid
-from vmmd.kvm import Kvm
+from vmmd.kvm import Kvm, uapi
 from vmmd.machine import layout as L
 from vmmd.machine.config import MachineConfig
 from vmmd.machine.cpuid import CpuidTable, build_cpuid_table
@@ -92,6 +92,12 @@ class Machine:
         cfg = self.config
         try:
             self.kvm = Kvm()
+            # api.rst: KVM_CAP_MAX_VCPUS is the hard limit of a VM's vCPUs (KVM_CAP_NR_VCPUS when it says 0)
+            kvm_max = self.kvm.check_extension(uapi.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(
+                uapi.KVM_CAP_NR_VCPUS) or 4
+            if cfg.cpus > kvm_max:
+                raise VmmdError(f"{cfg.cpus} vCPUs asked for, but this host's KVM allows at most {kvm_max} per VM "
+                                "(KVM_CAP_MAX_VCPUS)")
             self.memory = GuestMemory.with_ram(cfg.memory_bytes)
             self.firmware_kind = firmware_kind(cfg.firmware, cfg.firmware_type)
             if self.firmware_kind == RESET_VECTOR:

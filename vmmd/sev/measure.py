@@ -24,6 +24,7 @@ import hashlib
 import hmac
 from collections.abc import Iterator, Sequence
 
+from vmmd.machine.layout import MAX_VCPUS
 from vmmd.sev.cpu_types import resolve_cpu_sig
 from vmmd.sev.ovmf import OvmfImage, ap_reset_state, bsp_reset_state
 from vmmd.sev.vmsa import VMSA_PAGE_SIZE, VcpuState, build_vmsa
@@ -213,8 +214,8 @@ def build_ovmf_plan(ovmf_bytes: bytes | bytearray | memoryview, vcpus: int, cpu_
     `init2` defaults to True: KVM_SEV_INIT2 syncs the FPU state (FCW 0x37f, MXCSR 0x1f80) into
     the VMSA, which is what sev-snp-measure's seves/QEMU model contains.
     """
-    if not 1 <= vcpus <= 1024:
-        raise ValueError(f"vcpus must be 1..1024, got {vcpus}")
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus}")
     sig = resolve_cpu_sig(cpu_sig)
     image = OvmfImage.from_bytes(ovmf_bytes)
     # QEMU refuses an SEV-ES launch without the reset block whatever the vCPU count
