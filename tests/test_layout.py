@@ -10,7 +10,7 @@ import pytest
 
 from tests.layout_check import check_module
 
-MODULES = ["vmmd.kvm.uapi", "vmmd.kvm.ioctls", "vmmd.sev.uapi", "vmmd.machine.bootinfo"]
+MODULES = ["vmmd.kvm.uapi", "vmmd.kvm.ioctls", "vmmd.sev.uapi", "vmmd.machine.bootinfo", "vmmd.machine.bootparam"]
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to compile the layout probe")
 

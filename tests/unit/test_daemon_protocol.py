@@ -16,7 +16,7 @@ def test_valid_requests_round_trip():
                     {"op": "start", "name": "a.b-c_1", "attach": True},
                     {"op": "start", "definition": {"path": "/x.toml", "text": "firmware = 'x'"}},
                     {"op": "stop", "name": "g", "force": False, "timeout": 2.5},
-                    {"op": "log", "name": "g", "tail": 100}, {"op": "console", "name": "g", "replay": False}):
+                    {"op": "log", "name": "g", "lines": 100}, {"op": "console", "name": "g", "replay": False}):
         line = encode(request)
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert parse_request(line) == request
@@ -41,7 +41,7 @@ def test_valid_requests_round_trip():
     (b'{"op":[]}', "EOPNOTSUPP", "unknown op"),
     (b'{"op":{}}', "EOPNOTSUPP", "unknown op"),
     (b'{"op":"list","x":' + b"[" * 20000 + b"]" * 20000 + b"}", "EINVAL", "nested too deeply"),
-    (b'{"op":"log","name":"g","tail":' + b"9" * 5000 + b"}", "EINVAL", "not a JSON object"),
+    (b'{"op":"log","name":"g","lines":' + b"9" * 5000 + b"}", "EINVAL", "not a JSON object"),
     (b'{"op":"start","definition":{"path":"/tmp/\\ud800.toml","text":"x"}}', "EINVAL", "lone surrogate"),
     (b'{"op":"start","definition":{"path":"/tmp/a\\u0000b","text":"x"}}', "EINVAL", "a NUL"),
 ])
