@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 6  # --timeout reached, VM stopped
     GUEST_HALTED = 7  # guest executed HLT with nothing left to wake it
     VMM_ERROR = 8  # a bug in vmmd stopped the VM (the message says where); please report it
+    GUEST_REBOOT = 9  # the guest reset itself (i8042 / 0xCF9 reset; a Linux guest's triple fault): not restarted
     INTERRUPTED = 130  # SIGINT / SIGTERM
 
 

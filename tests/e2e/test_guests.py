@@ -204,11 +204,11 @@ def test_more_vcpus_than_fit_below_1_mib(platform: str) -> None:
 
 
 def test_one_vcpu_limit_everywhere(tmp_path) -> None:
-    run = vmctl("run", guest("hello"), "-p", "plain", "-c", "256")
-    assert run.returncode == ExitCode.HOST_ERROR and "cpus must be 1..255" in run.stderr
-    measure = vmctl("measure", guest("hello"), "--vcpus", "256")
-    assert measure.returncode == ExitCode.USAGE and "1<=x<=255" in measure.stderr
-    ovmf = vmctl("measure", "/usr/share/OVMF/OVMF_CODE.fd", "--vcpus", "256")
-    assert ovmf.returncode == ExitCode.USAGE and "1<=x<=255" in ovmf.stderr
+    run = vmctl("run", guest("hello"), "-p", "plain", "-c", "255")
+    assert run.returncode == ExitCode.HOST_ERROR and "cpus must be 1..254" in run.stderr
+    measure = vmctl("measure", guest("hello"), "--vcpus", "255")
+    assert measure.returncode == ExitCode.USAGE and "1<=x<=254" in measure.stderr
+    ovmf = vmctl("measure", "/usr/share/OVMF/OVMF_CODE.fd", "--vcpus", "255")
+    assert ovmf.returncode == ExitCode.USAGE and "1<=x<=254" in ovmf.stderr
     for help_text in (vmctl("run", "--help").stdout, vmctl("measure", "--help").stdout):
-        assert "255" in help_text
+        assert "254" in help_text

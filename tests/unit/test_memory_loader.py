@@ -118,8 +118,8 @@ def test_more_than_16_vcpus_get_their_own_area_after_the_image(tmp_path) -> None
     assert (area.pt_gpa, 4096, "page tables of the vCPU area (GHCB pages)") in loaded.measured_regions()
     with pytest.raises(VmmdError, match="give the guest more memory"):
         load_flat_firmware(GuestMemory.with_ram(4 << 20), image, "sev-es", cpus, 0, 51, 0)
-    with pytest.raises(VmmdError, match="vcpus must be 1..255"):
-        load_flat_firmware(GuestMemory.with_ram(64 << 20), image, "sev-es", 256, 0, 51, 0)
+    with pytest.raises(VmmdError, match="vcpus must be 1..254"):
+        load_flat_firmware(GuestMemory.with_ram(64 << 20), image, "sev-es", 255, 0, 51, 0)
 
 
 def supported_leaf_1_edx(supported) -> int:

@@ -14,10 +14,16 @@ from vmmd.errors import ExitCode, VmmdError
 
 
 @click.command("run")
-@click.argument("firmware", type=click.Path())  # the loader checks it, with exit code 3 like every host problem
+@click.argument("firmware", type=click.Path(), required=False)  # the loader checks it (exit 3 like every host problem)
+@click.option("--kernel", "-k", type=click.Path(), default=None,
+              help="boot this Linux kernel directly (bzImage or ELF vmlinux) instead of FIRMWARE (docs/linux-boot.md)")
+@click.option("--initrd", type=click.Path(), default=None, help="with --kernel: the initial ramdisk")
+@click.option("--append", default=None, metavar="CMDLINE",
+              help="with --kernel: the kernel command line (default \"console=ttyS0\"); vmmd adds its devices' "
+                   "virtio_mmio.device= entries")
 @click.option("--memory", "-m", default="64M", show_default=True, help="guest RAM (bytes, or K/M/G suffix)")
 @click.option("--cpus", "-c", default=1, show_default=True, type=int,
-              help="number of vCPUs: 1..255, and at most what this host's KVM allows (KVM_CAP_MAX_VCPUS)")
+              help="number of vCPUs: 1..254, and at most what this host's KVM allows (KVM_CAP_MAX_VCPUS)")
 @click.option("--platform", "-p", default="auto", show_default=True,
               type=click.Choice(["auto", "plain", "sev-es", "sev-es-emu"]),
               help="auto picks sev-es where the host has it, else sev-es-emu")
@@ -40,7 +46,8 @@ from vmmd.errors import ExitCode, VmmdError
                    "image assumes, as `vmctl measure --cpu-type` (default EPYC-v4)")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
 def run(**options) -> None:
-    """Boot FIRMWARE (a flat 64-bit image) in the foreground; the exit status reflects how the guest ended."""
+    """Boot FIRMWARE (a flat 64-bit image or OVMF), or a Linux kernel with --kernel, in the foreground; the exit
+    status reflects how the guest ended."""
     # While the guest runs, Machine.run() turns SIGINT/SIGTERM into a clean stop (exit 130); before and after,
     # they end vmctl the same way, with a sentence instead of a traceback or SIGTERM's default exit 143.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -106,7 +113,8 @@ def _run(o: SimpleNamespace) -> None:
     try:
         config = MachineConfig(firmware=o.firmware, memory_bytes=parse_size(o.memory), cpus=o.cpus,
                                platform=o.platform, timeout=o.timeout, guest_arg=arg, name=name,
-                               firmware_type=o.firmware_type, net=o.net).validate()
+                               firmware_type=o.firmware_type, net=o.net, kernel=o.kernel, initrd=o.initrd,
+                               append=o.append).validate()
         chosen, note = select_platform(o.platform)
         _apply_cpu_type(chosen, o.cpu_type)
         if o.console_path is not None:

@@ -7,7 +7,7 @@ sent ad hoc by `vmctl start -f FILE`. Every error names the file, the key and wh
     name = "demo"                 # optional, default: the file name without .toml
     firmware = "demo.bin"         # required; relative paths are relative to the TOML file
     memory = "64M"                # size with K/M/G suffix or bytes (default 64M)
-    vcpus = 1                     # 1..MAX_VCPUS (255)
+    vcpus = 1                     # 1..MAX_VCPUS (254)
     platform = "auto"             # auto | plain | sev-es | sev-es-emu
     timeout = 30                  # seconds, optional
     guest_arg = 0                 # number handed to the guest in its boot-info page

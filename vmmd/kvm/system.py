@@ -200,8 +200,9 @@ class Vm:
         _ioctl(self.fd, io.KVM_IRQ_LINE, uapi.kvm_irq_level(irq=irq, level=level), f"KVM_IRQ_LINE({irq})",
                "the VM has no in-kernel irqchip" if not self.has_irqchip else "")
 
-    def create_pit2(self) -> None:
-        _ioctl(self.fd, io.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=0), "KVM_CREATE_PIT2")
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2 (after KVM_CREATE_IRQCHIP); flags KVM_PIT_SPEAKER_DUMMY: KVM answers port 0x61."""
+        _ioctl(self.fd, io.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags), "KVM_CREATE_PIT2")
 
     def enable_cap(self, cap: int, *args: int) -> None:
         _enable_cap(self.fd, cap, args, f"KVM_ENABLE_CAP({cap})")

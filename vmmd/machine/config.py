@@ -43,7 +43,7 @@ def check_seconds(value: float | None, what: str, maximum: float = MAX_TIMEOUT_S
 
 @dataclass
 class MachineConfig:
-    firmware: str | PathLike
+    firmware: str | PathLike | None  # a flat or reset-vector image; None for a direct kernel boot
     memory_bytes: int = 64 << 20
     cpus: int = 1
     platform: str = "auto"
@@ -52,8 +52,16 @@ class MachineConfig:
     name: str = "guest"
     firmware_type: str = "auto"  # auto | flat | reset-vector (vmmd.machine.loader.FIRMWARE_TYPES)
     net: str | None = None  # "tap[:BRIDGE]": a virtio-net device backed by a tap (vmmd.net)
+    kernel: str | PathLike | None = None  # direct Linux boot (vmmd.machine.linux): bzImage or ELF vmlinux
+    initrd: str | PathLike | None = None
+    append: str | None = None  # the kernel command line; None: vmmd.machine.linux.DEFAULT_APPEND
 
     def validate(self) -> MachineConfig:
+        if (self.firmware is None) == (self.kernel is None):
+            raise VmmdError("give either a firmware image or --kernel (a Linux kernel), not both and not neither",
+                            ExitCode.USAGE)
+        if self.kernel is None and (self.initrd is not None or self.append is not None):
+            raise VmmdError("--initrd and --append go with --kernel", ExitCode.USAGE)
         if self.memory_bytes % PAGE_SIZE:
             raise VmmdError(f"memory size {self.memory_bytes} bytes is not a multiple of 4 KiB")
         if self.memory_bytes < MIN_MEMORY_BYTES:

@@ -123,7 +123,7 @@ BRAND_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)
 
 
 def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, platform: str,
-                      doorbell_port: int = 0, host_cpuid=None) -> CpuidTable:
+                      doorbell_port: int = 0, host_cpuid=None, lapic: bool | None = None) -> CpuidTable:
     """Filter KVM's supported CPUID for this machine.
 
     - leaf 1: hypervisor bit set; topology (leaves 1, 4, 0xB, 0x1F, 0x80000008, 0x8000001E): one package of
@@ -131,9 +131,12 @@ def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, p
     - brand string (0x80000002..4): the host's, as QEMU's -cpu host does, where KVM reports it empty
       and `host_cpuid(leaf)` is given;
     - leaf 0x8000001F (AMD memory encryption) only on sev-es, as the hardware reports it;
-    - APIC, x2APIC and TSC-deadline bits only on sev-es, the platform with an in-kernel irqchip (LAPIC);
+    - APIC, x2APIC and TSC-deadline bits only where the VM has an in-kernel irqchip (`lapic`; default: on
+      sev-es, the platform that always creates one; Linux guests get one on every platform);
     - the emulator's signature leaves only on sev-es-emu.
     """
+    if lapic is None:
+        lapic = platform == "sev-es"
     entries = []
     amd = any(e.function == 0 and e.ebx == 0x6874_7541 for e in supported)  # "Auth"enticAMD
     topology_done: set[int] = set()
@@ -147,10 +150,10 @@ def build_cpuid_table(supported: list[uapi.kvm_cpuid_entry2], vcpu_count: int, p
         _apply_topology(c, vcpu_count, amd)
         if c.function == 1:
             c.ecx |= CPUID_1_ECX_HYPERVISOR
-            if platform != "sev-es":  # no in-kernel irqchip, so no local APIC to advertise (QEMU -cpu ...,-apic)
+            if not lapic:  # no in-kernel irqchip, so no local APIC to advertise (QEMU -cpu ...,-apic)
                 c.ecx &= ~(CPUID_1_ECX_X2APIC | CPUID_1_ECX_TSC_DEADLINE)
                 c.edx &= ~CPUID_1_EDX_APIC
-        if c.function == 0x8000_0001 and platform != "sev-es":
+        if c.function == 0x8000_0001 and not lapic:
             c.edx &= ~CPUID_1_EDX_APIC  # AMD mirrors the APIC bit here
         if c.function == 0x8000001F and platform != "sev-es":
             continue

@@ -14,9 +14,10 @@ MAX_PD_PAGES = 10
 GHCB_BASE_GPA = 0x10000  # GHCB page of vCPU n at GHCB_BASE_GPA + n * 4096 (up to LOW_AREA_VCPUS vCPUs)
 LOW_AREA_VCPUS = 16  # vCPUs whose GHCB pages and stacks fit below 1 MiB; more get a vCPU area after the image
 # The one vCPU limit of vmmd, for every image kind and command (run, measure, definitions); the host's KVM may
-# allow fewer (KVM_CAP_MAX_VCPUS, checked when a VM is built). 255: guests address vCPUs by 8-bit xAPIC IDs
-# (0xFF is the broadcast ID) in the CPUID topology vmmd presents (vmmd/machine/cpuid.py) and in MP tables.
-MAX_VCPUS = 255
+# allow fewer (KVM_CAP_MAX_VCPUS, checked when a VM is built). 254: guests address vCPUs by 8-bit xAPIC IDs
+# (0xFF is the broadcast ID) in the CPUID topology vmmd presents (vmmd/machine/cpuid.py) and in the MP table
+# of Linux guests, where the IOAPIC takes one more ID (vmmd/machine/mptable.py).
+MAX_VCPUS = 254
 SHARED_GPA = 0x20000  # shared buffers for devices (virtio rings) on SEV platforms
 SHARED_SIZE = 0x40000
 STACKS_GPA = 0x60000  # vCPU n's stack: [STACKS_GPA + n*STACK_SIZE, + STACK_SIZE) (up to LOW_AREA_VCPUS)
@@ -38,3 +39,8 @@ MMIO_TESTDEV_SIZE = 0x1000
 VIRTIO_NET_MMIO_GPA = 0xFEB0_1000  # virtio-mmio register page of the virtio-net device (when --net is given)
 VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_NET_IRQ = 5  # ISA IRQ line used when an in-kernel irqchip exists
+
+# ACPI sleep control/status registers (hardware-reduced ACPI) of Linux guests: vmmd/machine/acpi.py describes
+# them in the FADT, vmmd/devices/acpi_sleep.py answers them; SLP_TYP 5 (\_S5) is power off.
+SLEEP_CONTROL_PORT = 0x600
+SLEEP_TYPE_S5 = 5

@@ -324,19 +324,22 @@ def _segment(selector: int, code: bool) -> uapi.kvm_segment:
                             dpl=0, db=0 if code else 1, s=1, l=1 if code else 0, g=1)
 
 
-def long_mode_sregs(sregs: uapi.kvm_sregs, cr3: int, xsave: bool) -> uapi.kvm_sregs:
-    """Turn the vCPU's reset sregs into the documented 64-bit entry state.
+def long_mode_sregs(sregs: uapi.kvm_sregs, cr3: int, xsave: bool, *, gdt_gpa: int = L.GDT_GPA,
+                    gdt_entries: int = len(GDT_ENTRIES), code_selector: int = L.CODE64_SELECTOR,
+                    data_selector: int = L.DATA_SELECTOR) -> uapi.kvm_sregs:
+    """Turn the vCPU's reset sregs into the documented 64-bit entry state (a flat image's by default; the Linux
+    loader passes its own GDT and selectors).
 
     Every field a VMSA records is set here, TR and LDTR included (their reset values
     differ between SVM and VMX), so the entry state is the same on every host: a
     64-bit busy TSS (type 11, the one VMX accepts in long mode) and a present LDT."""
-    sregs.cs = _segment(L.CODE64_SELECTOR, True)
+    sregs.cs = _segment(code_selector, True)
     for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(sregs, name, _segment(L.DATA_SELECTOR, False))
+        setattr(sregs, name, _segment(data_selector, False))
     sregs.tr = uapi.kvm_segment(base=0, limit=0xFFFF, selector=0, type=0xB, present=1, s=0)
     sregs.ldt = uapi.kvm_segment(base=0, limit=0xFFFF, selector=0, type=0x2, present=1, s=0)
     sregs.cr2 = 0
-    sregs.gdt.base, sregs.gdt.limit = L.GDT_GPA, 8 * len(GDT_ENTRIES) - 1
+    sregs.gdt.base, sregs.gdt.limit = gdt_gpa, 8 * gdt_entries - 1
     sregs.idt.base, sregs.idt.limit = 0, 0
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | (CR4_OSXSAVE if xsave else 0)

@@ -13,8 +13,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from vmmd.devices.acpi_sleep import AcpiSleep
 from vmmd.devices.bus import MmioBus, PortBus
+from vmmd.devices.cmos import CMOS_INDEX_PORT, Cmos
 from vmmd.devices.debug_exit import DEBUG_EXIT_DECODE, DebugExit
+from vmmd.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, RESET_CONTROL_PORT, ResetControl
 from vmmd.devices.testdev import TestDev
 from vmmd.devices.uart import Uart16550
 from vmmd.errors import ExitCode, VmmdError, VmStop
@@ -33,9 +36,26 @@ from vmmd.machine.loader import (
 )
 from vmmd.machine.platform import Platform
 from vmmd.machine.runloop import ExitContext, run_vcpu
-from vmmd.memory import GuestMemory
+from vmmd.memory import PCI_HOLE_START_GPA, GuestMemory
 
 KICK_SIGNAL = signal.SIGUSR1
+LINUX = "linux"  # vmmd.machine.linux.LINUX, without importing that module for firmware guests
+
+
+def virtio_devices(cfg: MachineConfig):
+    """The virtio-mmio devices this machine will have, as the ACPI DSDT describes them to Linux."""
+    from vmmd.machine.acpi import MmioDevice
+
+    devices = []
+    if cfg.net:
+        devices.append(MmioDevice(L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE, L.VIRTIO_NET_IRQ))
+    return devices
+
+
+def virtio_kernel_args(cfg: MachineConfig) -> list[str]:
+    """The same devices for kernels without ACPI: one virtio_mmio.device=SIZE@ADDR:IRQ each
+    (drivers/virtio/virtio_mmio.c, CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), as Firecracker passes them."""
+    return [f"virtio_mmio.device={d.size >> 10}K@{d.gpa:#x}:{d.irq}" for d in virtio_devices(cfg)]
 
 
 @dataclass
@@ -77,6 +97,11 @@ class Machine:
         self.uart = Uart16550(tx_sink=console_sink)
         self.port_bus.insert(self.uart, L.CONSOLE_PORT, 8)
         self.port_bus.insert(DebugExit(), L.DEBUG_EXIT_PORT, DEBUG_EXIT_DECODE)
+        self.port_bus.insert(I8042(), I8042_DATA_PORT, I8042_COMMAND_PORT - I8042_DATA_PORT + 1)
+        self.port_bus.insert(ResetControl(), RESET_CONTROL_PORT, 1)
+        self.port_bus.insert(AcpiSleep(), L.SLEEP_CONTROL_PORT, 2)
+        below = min(self.config.memory_bytes, PCI_HOLE_START_GPA)
+        self.port_bus.insert(Cmos(below, self.config.memory_bytes - below), CMOS_INDEX_PORT, 2)
         self.mmio_bus.insert(TestDev(), L.MMIO_TESTDEV_GPA, L.MMIO_TESTDEV_SIZE)
         self.cpuid: CpuidTable | None = None
         self.network = None  # vmmd.net handle with close(), when config.net is set
@@ -99,8 +124,13 @@ class Machine:
                 raise VmmdError(f"{cfg.cpus} vCPUs asked for, but this host's KVM allows at most {kvm_max} per VM "
                                 "(KVM_CAP_MAX_VCPUS)")
             self.memory = GuestMemory.with_ram(cfg.memory_bytes)
-            self.firmware_kind = firmware_kind(cfg.firmware, cfg.firmware_type)
-            if self.firmware_kind == RESET_VECTOR:
+            self.firmware_kind = LINUX if cfg.kernel is not None else firmware_kind(cfg.firmware, cfg.firmware_type)
+            if self.firmware_kind == LINUX:
+                from vmmd.machine.linux import load_linux  # only kernel boots pay for the boot-protocol code
+
+                image, cr3 = load_linux(self.memory, cfg.kernel, cfg.initrd, cfg.append, cfg.cpus,
+                                        self.platform.c_bit, virtio_kernel_args(cfg), virtio_devices(cfg))
+            elif self.firmware_kind == RESET_VECTOR:
                 if cfg.cpus > 1 and self.platform.name != "sev-es":
                     raise VmmdError("reset-vector firmware runs with one vCPU here: its APs wait for INIT/SIPI, "
                                     "which needs an in-kernel irqchip (only the sev-es platform creates one)")
@@ -117,10 +147,12 @@ class Machine:
                 vm = self.vm
                 self.uart.connect_irq(lambda level: vm.irq_line(L.CONSOLE_IRQ, 1 if level else 0))
             self.platform.configure_vm(self)
+            has_irqchip = getattr(self.vm, "has_irqchip", False)
             self.cpuid = build_cpuid_table(self.kvm.get_supported_cpuid(), cfg.cpus, self.platform.name,
-                                           self.platform.doorbell_port, host_cpuid)
+                                           self.platform.doorbell_port, host_cpuid, lapic=has_irqchip)
             self.platform.create_vcpus(self)
-            self.ctx.halt_stops_vm = cfg.cpus == 1
+            self.ctx.halt_stops_vm = cfg.cpus == 1 and not has_irqchip  # an in-kernel LAPIC handles HLT itself
+            self.ctx.shutdown_is_reboot = self.firmware_kind == LINUX
             if cfg.net:
                 from vmmd.net.attach import attach_network  # only guests with a network pay for pyroute2
 
@@ -131,6 +163,13 @@ class Machine:
             self.close()
             raise
         return self
+
+    @property
+    def wants_irqchip(self) -> bool:
+        """Does this guest need the in-kernel irqchip and PIT? Linux does (interrupt-driven devices, timer,
+        INIT/SIPI for its APs); vmmd's firmware guests poll and run without one except where the platform
+        requires it (sev-es)."""
+        return self.firmware_kind == LINUX
 
     # --- running ----------------------------------------------------------------------------------------------
     def _record_stop(self, stop: VmStop | None) -> None:
@@ -231,6 +270,14 @@ class Machine:
         for index in range(self.config.cpus):
             vcpu = self.vm.create_vcpu(index)
             vcpu.set_cpuid2(self.cpuid.for_vcpu(index))
+            if self.image.kind == LINUX:  # APs wait for INIT/SIPI from the kernel (KVM_MP_STATE_UNINITIALIZED)
+                if index == 0:
+                    from vmmd.machine.linux import linux_entry_regs, linux_entry_sregs
+
+                    vcpu.set_sregs(linux_entry_sregs(vcpu.get_sregs(), self.cr3, xsave))
+                    vcpu.set_regs(linux_entry_regs(self.image))
+                self.vcpus.append(vcpu)
+                continue
             if self.image.kind == RESET_VECTOR:
                 regs = vcpu.get_regs()
                 regs.rdx = self.cpuid.lookup(1)[0]

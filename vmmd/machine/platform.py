@@ -22,6 +22,15 @@ MSR_GHCB = 0xC001_0130  # AMD APM vol. 2, 15.35.5 (GHCB MSR)
 PLATFORM_NAMES = ("auto", "plain", "sev-es", "sev-es-emu")
 
 
+def create_pc_irqchip(vm) -> None:
+    """The PC interrupt hardware in the kernel, as QEMU's kernel-irqchip=on and Firecracker create it: PIC,
+    IOAPIC and local APICs (KVM_CREATE_IRQCHIP), then the PIT (KVM_CREATE_PIT2) with port 0x61 emulated
+    (KVM_PIT_SPEAKER_DUMMY). Before any vCPU exists (api.rst)."""
+    if not vm.has_irqchip:
+        vm.create_irqchip()
+    vm.create_pit2(uapi.KVM_PIT_SPEAKER_DUMMY)
+
+
 class Platform:
     name = "plain"
     vm_type = 0
@@ -35,10 +44,12 @@ class Platform:
     description = "plain KVM guest: no GHCB, the guest uses real I/O instructions"
 
     def create_vm(self, machine):
-        """The KVM VM with guest memory registered."""
+        """The KVM VM with guest memory registered; with the in-kernel irqchip and PIT a Linux guest needs."""
         vm = machine.kvm.create_vm(self.vm_type)
         vm.set_tss_addr()
         vm.add_memory(machine.memory)
+        if machine.wants_irqchip:
+            create_pc_irqchip(vm)
         return vm
 
     def create_vcpus(self, machine) -> None:

@@ -48,6 +48,7 @@ class ExitContext:
     # (vcpu, SystemEventExit) -> never returns (raises VmStop); platform decodes SEV termination
     system_event_handler: Callable[[object, exits.SystemEventExit], None] | None = None
     halt_stops_vm: bool = True  # single vCPU without an irqchip: nothing can wake a halted CPU
+    shutdown_is_reboot: bool = False  # Linux guests: a triple fault is how reboot=t resets the machine
     # SEV-ES: the registers live encrypted in the VMSA; KVM_GET_REGS refuses them (6.10+) or, on older
     # kernels, answers with the stale pre-launch values, so crash reports leave them out
     registers_protected: bool = False
@@ -105,6 +106,9 @@ def handle_exit(ex: exits.Exit, vcpu, ctx: ExitContext) -> int:
                          ExitCode.GUEST_HALTED)
         return VCPU_HALTED
     if kind is exits.ShutdownExit:
+        if ctx.shutdown_is_reboot:  # a PC resets on a triple fault; QEMU treats it as a reset request too
+            raise VmStop("reboot", "the guest rebooted (triple fault: Linux's reboot=t, or a crash too early for "
+                         "its exception handlers); vmmd does not restart guests", ExitCode.GUEST_REBOOT)
         raise VmStop("shutdown", "guest triple-faulted (KVM_EXIT_SHUTDOWN)", ExitCode.GUEST_CRASH)
     if kind is exits.FailEntryExit:
         raise VmStop("fail-entry", f"VM entry failed: hardware reason {ex.hardware_entry_failure_reason:#x} on "

@@ -23,7 +23,7 @@ from vmmd.kvm import exits
 from vmmd.kvm import uapi as kvm_uapi
 from vmmd.machine import layout as L
 from vmmd.machine.loader import RESET_VECTOR, LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
-from vmmd.machine.platform import MSR_GHCB, Platform
+from vmmd.machine.platform import MSR_GHCB, Platform, create_pc_irqchip
 from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext
 from vmmd.memory import GuestMemory
 from vmmd.sev import measure
@@ -227,6 +227,8 @@ class SevEsPlatform(Platform):
         vm = self.backend.vm
         vm.set_tss_addr()
         vm.create_irqchip()  # QEMU requires the in-kernel irqchip for SEV-ES guests
+        if machine.wants_irqchip:
+            create_pc_irqchip(vm)  # and the PIT, for Linux
         return vm
 
     def configure_vm(self, machine) -> None:
