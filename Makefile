@@ -16,14 +16,22 @@ TIMEOUT ?= 60
 # apt-get update does not wait for the lists lock, so apt_install retries it.
 APT_OPTS := -o DPkg::Lock::Timeout=600
 
-.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean install uninstall
+
+# A newer kernel's uapi headers, for the second run of the layout test (tests/test_layout.py, NEWER_HEADERS): what
+# `make headers` (headers_install's processing) makes of Debian's linux-source-6.12 (bookworm-security), cached
+# here. They hold the KVM_SEV_INIT2 ABI (struct kvm_sev_init, KVM_X86_*_VM, KVM_X86_GRP_SEV, KVM_CAP_VM_TYPES)
+# that Debian 12's linux-libc-dev 6.1 lacks.
+NEWER_UAPI_PACKAGE := linux-source-6.12
+NEWER_UAPI := .cache/linux-uapi-6.12
+
+.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean install uninstall uapi-headers
 
 all: deps firmware
 
 run: deps firmware
 	$(VENV)/bin/vmctl run firmware/build/demo.bin --platform auto --timeout $(TIMEOUT)
 
-test: deps firmware
+test: deps firmware uapi-headers
 	$(VENV)/bin/ruff check vmmd tests scripts
 	VMMD_STRICT_SKIPS=1 $(PY) -m pytest -q tests
 
@@ -83,6 +91,28 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/vmmd $(DESTDIR)$(BINDIR)/vmctl $(DESTDIR)$(UNITDIR)/vmmd.service
 	@echo "kept $(SYSCONFDIR)/vmmd (your definitions) and the group vmmd"
 
+uapi-headers: $(NEWER_UAPI)/include/linux/kvm.h
+
+# apt-get download needs no root; an outdated package list (the candidate gone from the mirror) is refreshed
+# first when we are root. Only the parts `make headers` reads are unpacked from the source tarball.
+$(NEWER_UAPI)/include/linux/kvm.h:
+	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || \
+	  { echo "the layout test needs $(NEWER_UAPI_PACKAGE) from Debian (apt-get download): run this on Debian 12" >&2; exit 1; }
+	rm -rf $(NEWER_UAPI).tmp && mkdir -p $(NEWER_UAPI).tmp
+	cd $(NEWER_UAPI).tmp && { apt-get download -q $(NEWER_UAPI_PACKAGE) 2>/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get download -q $(NEWER_UAPI_PACKAGE); }; }
+	dpkg-deb --fsys-tarfile $(NEWER_UAPI).tmp/$(NEWER_UAPI_PACKAGE)_*.deb | \
+	  tar -xO ./usr/src/$(NEWER_UAPI_PACKAGE).tar.xz | \
+	  tar -xJ -C $(NEWER_UAPI).tmp --wildcards '$(NEWER_UAPI_PACKAGE)/Makefile' '$(NEWER_UAPI_PACKAGE)/Kbuild' \
+	    '$(NEWER_UAPI_PACKAGE)/Kconfig' '$(NEWER_UAPI_PACKAGE)/scripts/*' '$(NEWER_UAPI_PACKAGE)/include/uapi/*' \
+	    '$(NEWER_UAPI_PACKAGE)/include/asm-generic/*' '$(NEWER_UAPI_PACKAGE)/arch/x86/*' \
+	    '$(NEWER_UAPI_PACKAGE)/tools/include/*' '$(NEWER_UAPI_PACKAGE)/tools/arch/x86/*'
+	$(MAKE) -s -C $(NEWER_UAPI).tmp/$(NEWER_UAPI_PACKAGE) ARCH=x86 headers
+	mkdir -p $(NEWER_UAPI).tmp/out/include
+	cd $(NEWER_UAPI).tmp/$(NEWER_UAPI_PACKAGE)/usr/include && find . -name '*.h' | tar -cf - -T - | \
+	  tar -xf - -C $(CURDIR)/$(NEWER_UAPI).tmp/out/include
+	rm -rf $(NEWER_UAPI) && mv $(NEWER_UAPI).tmp/out $(NEWER_UAPI) && rm -rf $(NEWER_UAPI).tmp
+
 deps: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | apt-deps
@@ -120,4 +150,4 @@ bench-deps:
 
 clean:
 	$(MAKE) -C firmware clean
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .cache

@@ -4,13 +4,17 @@ Needs the PyPI package sev-snp-measure (its `sev-snp-measure` command) and Debia
 `ovmf` package (/usr/share/OVMF/*.fd); skips, saying which is missing, otherwise.
 sev-snp-measure --mode seves prints the SEV-ES launch digest: SHA-256 over the OVMF
 image then the VMSA pages (guest.py seves_calc_launch_digest()); its QEMU VMSA model
-carries x87 FCW 0x37f / MXCSR 0x1f80, i.e. KVM's KVM_SEV_INIT2 path, vmmd's default.
+carries x87 FCW 0x37f / MXCSR 0x1f80, i.e. KVM's KVM_SEV_INIT2 path (QEMU legacy-vm-type=off),
+vmmd's default. QEMU's default launch (legacy-vm-type=auto: KVM_SEV_ES_INIT) leaves the VMSA's
+FPU area zero (sev.c sev_es_sync_vmsa()); sev-snp-measure does not model it, so that case is
+checked against its VMSA pages with exactly those two fields cleared.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,9 +29,9 @@ from vmmd.sev import vmsa as V
 from vmmd.sev.measure import build_ovmf_plan, launch_digest
 from vmmd.sev.ovmf import SEV_ES_RESET_BLOCK_GUID, parse_footer_table
 
-# the venv's own bin directory first: `make test` installs the tool there without putting it on PATH
-TOOL = shutil.which("sev-snp-measure", path=os.pathsep.join([os.path.dirname(sys.executable),
-                                                             os.environ.get("PATH", os.defpath)]))
+# The .venv's copy (make deps installs it) even when the .venv is not on PATH, as under `make test`.
+_BESIDE = Path(sys.executable).parent / "sev-snp-measure"
+TOOL = str(_BESIDE) if _BESIDE.is_file() else shutil.which("sev-snp-measure")
 VCPU_COUNTS = (1, 2, 4)
 CPU_TYPES = ("EPYC", "EPYC-Milan", "EPYC-Genoa")
 
@@ -90,7 +94,36 @@ def test_sev_snp_measure_models_init2_not_legacy(tmp_path: Path) -> None:
     assert (save.x87_fcw, save.mxcsr) == (V.FCW_DEFAULT, V.MXCSR_DEFAULT)
     legacy = build_ovmf_plan(Path(image).read_bytes(), 1, "EPYC", init2=False)
     assert legacy.vcpus[0].vmsa != theirs
-    assert legacy.vcpus[0].vmsa[:0x400] == theirs[:0x400]
+
+
+def _without_fpu(page: bytes) -> bytes:
+    """A VMSA page as KVM_SEV_ES_INIT leaves it: sev_es_sync_vmsa() skips the whole FPU block, and the only
+    non-zero FPU fields of the reset state are FCW and MXCSR."""
+    save = V.sev_es_save_area.from_buffer_copy(page[:ctypes.sizeof(V.sev_es_save_area)])
+    save.x87_fcw, save.mxcsr = 0, 0
+    return bytes(save) + page[ctypes.sizeof(save):]
+
+
+@pytest.mark.parametrize("cpu_type", CPU_TYPES)
+@pytest.mark.parametrize("image", IMAGES or ["none"])
+def test_qemu_default_launch_equals_sev_snp_measure_without_the_fpu_block(image: str, cpu_type: str,
+                                                                          tmp_path: Path) -> None:
+    """`vmctl measure --qemu-legacy-vm-type auto` (QEMU's default: KVM_X86_DEFAULT_VM + KVM_SEV_ES_INIT) predicts
+    sev-snp-measure's VMSAs with the FPU block KVM skips cleared, and the digest over the image and those pages."""
+    vcpus = 3
+    _tool(image, vcpus, cpu_type, tmp_path, "--dump-vmsa")
+    theirs = [_without_fpu((tmp_path / f"vmsa{i}.bin").read_bytes()) for i in range(vcpus)]
+    plan = build_ovmf_plan(Path(image).read_bytes(), vcpus, cpu_type, init2=False)
+    assert [v.vmsa for v in plan.vcpus] == theirs
+    digest = hashlib.sha256(Path(image).read_bytes() + b"".join(theirs)).hexdigest()
+    for option in ("auto", "on"):
+        res = CliRunner().invoke(measure_cmd, [image, "--vcpus", str(vcpus), "--cpu-type", cpu_type, "--json",
+                                               "--qemu-legacy-vm-type", option])
+        assert res.exit_code == 0, res.output
+        assert f'"digest": "{digest}"' in res.output and "legacy-vm-type=auto" in res.output
+    res = CliRunner().invoke(measure_cmd, [image, "--vcpus", str(vcpus), "--cpu-type", cpu_type, "--json",
+                                           "--qemu-legacy-vm-type", "off"])
+    assert f'"digest": "{_tool(image, vcpus, cpu_type)}"' in res.output and "legacy-vm-type=off" in res.output
 
 
 def test_layout_matches_sev_snp_measure_struct() -> None:

@@ -73,6 +73,34 @@ def test_full_launch_order_digest_and_measurement() -> None:
     memory.close()
 
 
+def test_init2_lets_kvm_choose_the_ghcb_version_unless_asked() -> None:
+    """QEMU (sev_common_kvm_init(): struct kvm_sev_init args = { 0 }) and the selftests pass ghcb_version 0;
+    KVM then uses GHCB_VERSION_DEFAULT (sev.c __sev_guest_init()). The result says who chose it."""
+    memory, plan, model = _setup()
+    result = SevEsLaunch(model, plan).run(lambda p: None)
+    assert model.requested_ghcb_version == 0
+    assert (result.ghcb_version, result.ghcb_version_chosen_by) == (uapi.GHCB_VERSION_DEFAULT, "KVM")
+    assert result.as_dict()["ghcb_version_chosen_by"] == "KVM"
+    memory.close()
+    memory, plan, model = _setup()
+    result = SevEsLaunch(model, plan, ghcb_version=1).run(lambda p: None)
+    assert model.requested_ghcb_version == 1 == model.ghcb_version
+    assert (result.ghcb_version, result.ghcb_version_chosen_by) == (1, "request")
+    memory.close()
+    for bad in (0, 3):
+        memory, plan, model = _setup()
+        with pytest.raises(SevLaunchError, match=f"GHCB version {bad} is outside 1..2"):
+            SevEsLaunch(model, plan, ghcb_version=bad)
+        memory.close()
+
+
+def test_legacy_es_init_cannot_offer_ghcb_version_2() -> None:
+    memory, plan, model = _setup(init2=False)
+    with pytest.raises(SevLaunchError, match="needs KVM_SEV_INIT2"):
+        SevEsLaunch(model, plan, ghcb_version=2)
+    memory.close()
+
+
 def test_plan_over_live_guest_memory_still_predicts_the_plaintext_digest() -> None:
     """LAUNCH_UPDATE_DATA encrypts in place (the model scrambles): the sequencer must hash what was planned."""
     memory, plan, model = _setup()
@@ -92,6 +120,7 @@ def test_legacy_es_init_path() -> None:
     assert model.log[0] == "KVM_SEV_ES_INIT"
     assert result.init_command == "KVM_SEV_ES_INIT" and result.vm_type == uapi.KVM_X86_DEFAULT_VM
     assert result.ghcb_version == 1 and model.vmsa_features == 0
+    assert result.ghcb_version_chosen_by == "KVM" and model.ghcb_version == 1
     assert model.launch_digest == result.expected_digest
     memory.close()
     # A pre-6.10 kernel whose ES_INIT turns DebugSwap on (kvm_amd debug_swap=Y) cannot run a plan built for 0.

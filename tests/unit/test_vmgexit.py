@@ -651,6 +651,89 @@ def test_mmio_scratch_rules_apply(m: Machine) -> None:
     assert m.mmio_dev.log == []
 
 
+# --- scratch areas KVM reads with kvm_read_guest(): across slots, through a bounce buffer (issue 16, 11-12) -----
+def test_scratch_across_adjacent_slots_is_read_and_written_across_them(m: Machine) -> None:
+    """kvm_read_guest()/kvm_write_guest() walk guest pages slot by slot: a scratch area from the end of RAM into
+    a slot that starts right there is one area (KVM answers ok; vmmd used to stop the VM)."""
+    m.memory.add_slot(RAM, 0x10_0000)
+    data = bytes(range(0x50, 0x70))
+    m.memory.write(RAM - 16, data[:16])
+    m.memory.write(RAM, data[16:])
+    m.ghcb(g.SVM_VMGEXIT_MMIO_WRITE, MMIO_GPA, 32, sw_scratch=RAM - 16)
+    m.run()
+    assert m.response() == (0, 0)
+    assert bytes(m.mmio_dev.data[:32]) == data
+    m.mmio_dev.data[0x200:0x220] = bytes(range(0xA0, 0xC0))
+    m.ghcb(g.SVM_VMGEXIT_MMIO_READ, MMIO_GPA + 0x200, 32, sw_scratch=RAM - 8)
+    m.run()
+    assert m.response() == (0, 0)
+    assert m.memory.read(RAM - 8, 8) + m.memory.read(RAM, 24) == bytes(range(0xA0, 0xC0))
+
+
+def test_scratch_from_the_rom_below_4g_into_ram_above_it_is_read(m: Machine) -> None:
+    """The case issue 16 names: the read-only image slot ending at 4 GiB, RAM starting there."""
+    m.memory.add_slot(0xFFF0_0000, 0x10_0000, read_only=True)
+    m.memory.add_slot(0x1_0000_0000, 0x10_0000)
+    m.memory.slots[-2].mapping[-4:] = b"ROM!"  # the ROM slot's last bytes, written host-side
+    m.memory.write(0x1_0000_0000, b"RAM!")
+    m.ghcb(g.SVM_VMGEXIT_MMIO_WRITE, MMIO_GPA, 8, sw_scratch=0x1_0000_0000 - 4)
+    m.run()
+    assert m.response() == (0, 0)
+    assert bytes(m.mmio_dev.data[:8]) == b"ROM!RAM!"
+    m.ghcb(g.SVM_VMGEXIT_MMIO_READ, MMIO_GPA, 8, sw_scratch=0x1_0000_0000 - 4)
+    with pytest.raises(VmStop, match="read-only"):  # writing it back would reach the ROM (documented)
+        m.run()
+
+
+def test_scratch_across_a_gap_between_slots_still_stops(m: Machine) -> None:
+    m.memory.add_slot(RAM + 0x1000, 0x1000)  # one page of nothing in between
+    m.ghcb(g.SVM_VMGEXIT_MMIO_WRITE, MMIO_GPA, 0x2000, sw_scratch=RAM - 0x800)
+    with pytest.raises(VmStop, match="outside guest RAM"):
+        m.run()
+    assert m.mmio_dev.log == []
+
+
+OVERLAP = GHCB_GPA - 8  # begins in the page before the GHCB, so KVM bounces it, and runs into the GHCB's save area
+OVERLAP_LEN = 0x400  # up to GHCB + 0x3F8: covers RAX..SW_SCRATCH and the low half of the valid bitmap
+
+
+def _kvm_view_of_the_ghcb_before_the_scratch_read(page_bytes: bytes) -> bytes:
+    """The GHCB after sev_es_sync_from_ghcb() (bitmap cleared) and svm_vmgexit_success(svm, 0) (SW_EXITINFO1/2
+    zero and marked valid): what kvm_read_guest() of an overlapping scratch area reads."""
+    page = bytearray(page_bytes)
+    page[g.VALID_BITMAP:g.VALID_BITMAP + 16] = g.valid_mask(g.SW_EXIT_INFO_1, g.SW_EXIT_INFO_2).to_bytes(16, "little")
+    page[g.SW_EXIT_INFO_1:g.SW_EXIT_INFO_1 + 16] = bytes(16)
+    return bytes(page)
+
+
+def test_scratch_overlapping_the_ghcb_is_read_as_kvm_reads_it(m: Machine) -> None:
+    """MMIO write from an area overlapping the GHCB: the device gets the GHCB as KVM has rewritten it by the time
+    setup_vmgexit_scratch() copies the area, not the guest's fields as written."""
+    m.memory.write(OVERLAP, bytes(range(8)))
+    page = m.ghcb(g.SVM_VMGEXIT_MMIO_WRITE, MMIO_GPA, OVERLAP_LEN, rax=0x1111, rbx=0x2222, sw_scratch=OVERLAP)
+    expected = bytes(range(8)) + _kvm_view_of_the_ghcb_before_the_scratch_read(page.u8.tobytes())[:OVERLAP_LEN - 8]
+    m.run()
+    assert m.response() == (0, 0)
+    assert bytes(m.mmio_dev.data[:OVERLAP_LEN]) == expected
+
+
+def test_scratch_overlapping_the_ghcb_is_copied_back_before_the_gprs(m: Machine) -> None:
+    """MMIO read into an area overlapping the GHCB: KVM writes the bounce buffer back at sev_es_unmap_ghcb(), after
+    the event set SW_EXITINFO1/2 and before sev_es_sync_to_ghcb() sets RAX..RDX and their valid bits."""
+    m.mmio_dev.data[:OVERLAP_LEN] = b"\xab" * OVERLAP_LEN
+    page = m.ghcb(g.SVM_VMGEXIT_MMIO_READ, MMIO_GPA, OVERLAP_LEN, rax=0x1111, rcx=0x3333, sw_scratch=OVERLAP)
+    m.run()
+    assert m.memory.read(OVERLAP, 8) == b"\xab" * 8
+    filler = int.from_bytes(b"\xab" * 8, "little")
+    assert m.response() == (filler, filler)  # the device's bytes won over SW_EXITINFO1/2 = 0
+    assert (page.get(g.RAX), page.get(g.RBX), page.get(g.RCX), page.get(g.RDX)) == (0x1111, 0, 0x3333, 0)
+    gprs = g.valid_mask(g.RAX, g.RBX, g.RCX, g.RDX)
+    low = filler | (gprs & (1 << 64) - 1)
+    high = (g.valid_mask(g.SW_EXIT_INFO_1, g.SW_EXIT_INFO_2) | gprs) >> 64  # beyond the area: as KVM left it
+    assert page.valid_bitmap == low | high << 64
+    assert page.get(g.SW_EXIT_CODE) == filler and page.get(g.SW_SCRATCH) == filler
+
+
 # --- the rest of the events ------------------------------------------------------------------------------------
 def test_nmi_complete(m: Machine) -> None:
     page = m.ghcb(g.SVM_VMGEXIT_NMI_COMPLETE)
@@ -724,10 +807,94 @@ def test_nop_events(m: Machine, exit_code: int, fields: dict[str, int]) -> None:
     assert page.get(g.RAX) == fields.get("rax", 0)
 
 
-def test_rdtscp_raises_ud_and_rdpmc_gp(m: Machine) -> None:
+def test_rdtscp_raises_ud(m: Machine) -> None:
     m.ghcb(g.SVM_EXIT_RDTSCP)
     m.run()
     assert m.response() == (1, g.UD_EVENT)
+
+
+class PmuVcpu:
+    """The vCPU side of RDPMC: counter MSRs, CR0/CR4, and the exceptions queued for the next KVM_RUN."""
+
+    def __init__(self, counters: dict[int, int], cr0: int = 0x8000_0011, cr4: int = 0) -> None:
+        self.counters = counters
+        self.cr0, self.cr4 = cr0, cr4
+        self.injected: list[tuple[int, int | None]] = []
+
+    def get_msr(self, index: int) -> int | None:
+        return self.counters.get(index)
+
+    def set_msr(self, index: int, value: int) -> bool:
+        return False
+
+    def get_sregs(self):
+        from vmmd.kvm import uapi
+
+        return uapi.kvm_sregs(cr0=self.cr0, cr4=self.cr4)
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        self.injected.append((vector, error_code))
+
+
+AMD_PMU = {(0, 0): (0x10, 0x6874_7541, 0x444D_4163, 0x6974_6E65), (0x8000_0001, 0): (0, 0, 1 << 23, 0)}
+INTEL_PMU = {(0, 0): (0x16, 0x756E_6547, 0x6C65_746E, 0x4965_6E69),
+             (0xA, 0): (2 | 4 << 8 | 40 << 16, 0, 0, 3 | 48 << 5)}  # v2: 4 GP x 40 bits, 3 fixed x 48 bits
+
+
+def _rdpmc(table: dict, vcpu: PmuVcpu, ecx: int, pmu_enabled: bool = True, cpl: int | None = None):
+    machine = Machine()
+    machine.service = VmgexitService(machine.memory, machine.ports, machine.mmio,
+                                     lambda f, i: table.get((f, i), (0, 0, 0, 0)), pmu_enabled=pmu_enabled)
+    fields = {"rcx": ecx, "rax": 0xAAAA, "rdx": 0xDDDD}
+    if cpl is not None:
+        fields["cpl"] = cpl
+    page = machine.ghcb(g.SVM_EXIT_RDPMC, **fields)
+    machine.run(vcpu)
+    return machine.response(), (page.get(g.RAX), page.get(g.RDX))
+
+
+@pytest.mark.parametrize(("table", "ecx", "msr", "value"), [
+    (AMD_PMU, 0, 0xC001_0201, 0x1234_5678_9ABC),  # PERFCTR_CORE: MSR_F15H_PERF_CTR + 2 * index
+    (AMD_PMU, 5, 0xC001_020B, 0xFFFF_FFFF_FFFF),
+    ({(0, 0): AMD_PMU[(0, 0)]}, 3, 0xC001_0007, 0x42),  # no PERFCTR_CORE: MSR_K7_PERFCTR0 + index
+    (INTEL_PMU, 3, 0xC4, 0xFF_1234_5678_9ABC),  # GP counter, masked to 40 bits
+    (INTEL_PMU, (1 << 30) | 2, 0x30B, 0xFFFF_1234_5678_9ABC),  # fixed counter 2, masked to 48 bits
+])
+def test_rdpmc_reads_the_counter_kvm_would(table: dict, ecx: int, msr: int, value: int) -> None:
+    """kvm_emulate_rdpmc(): EAX = low 32 bits, EDX = high 32 bits of the counter (masked to its width)."""
+    vcpu = PmuVcpu({msr: value})
+    response, (rax, rdx) = _rdpmc(table, vcpu, ecx)
+    width = 40 if table is INTEL_PMU and not ecx & (1 << 30) else 48 if table is INTEL_PMU else 64
+    masked = value & ((1 << width) - 1)
+    assert response == (0, 0) and (rax, rdx) == (masked & 0xFFFF_FFFF, masked >> 32)
+    assert vcpu.injected == []
+
+
+@pytest.mark.parametrize(("table", "ecx", "enabled", "cpl", "cr4"), [
+    (AMD_PMU, 0, False, None, 0),  # kvm.enable_pmu=N: pmu->version 0
+    (AMD_PMU, 6, True, None, 0),  # past the 6 PERFCTR_CORE counters
+    ({(0, 0): AMD_PMU[(0, 0)]}, 4, True, None, 0),  # past the 4 legacy counters
+    (AMD_PMU, 0x8000_0000, True, None, 0),  # AMD: all of ECX is the index
+    (INTEL_PMU, 4, True, None, 0),
+    (INTEL_PMU, (1 << 30) | 3, True, None, 0),
+    (INTEL_PMU, 0x2000_0000, True, None, 0),  # an unknown counter type
+    ({(0, 0): INTEL_PMU[(0, 0)]}, 0, True, None, 0),  # CPUID 0xA version 0: no vPMU
+    (AMD_PMU, 0, True, 3, 0),  # CPL 3 without CR4.PCE
+])
+def test_rdpmc_refusal_is_a_gp_kvm_injects(table: dict, ecx: int, enabled: bool, cpl: int | None, cr4: int) -> None:
+    """KVM injects #GP itself (kvm_inject_gp()) and leaves SW_EXITINFO1 = 0 and RAX/RDX as they came."""
+    vcpu = PmuVcpu({0xC001_0201: 7, 0xC1: 7, 0x309: 7}, cr4=cr4)
+    response, regs = _rdpmc(table, vcpu, ecx, pmu_enabled=enabled, cpl=cpl)
+    assert response == (0, 0) and regs == (0xAAAA, 0xDDDD)
+    assert vcpu.injected == [(13, 0)]
+
+
+def test_rdpmc_at_cpl3_needs_cr4_pce_only_in_protected_mode() -> None:
+    assert _rdpmc(AMD_PMU, PmuVcpu({0xC001_0201: 9}, cr4=1 << 8), 0, cpl=3)[1] == (9, 0)  # CR4.PCE
+    assert _rdpmc(AMD_PMU, PmuVcpu({0xC001_0201: 9}, cr0=0), 0, cpl=3)[1] == (9, 0)  # real mode: CPL moot
+
+
+def test_rdpmc_without_a_vcpu_answers_gp_through_the_ghcb(m: Machine) -> None:
     m.ghcb(g.SVM_EXIT_RDPMC, rcx=0)
     m.run()
     assert m.response() == (1, g.GP_EVENT)
@@ -817,7 +984,7 @@ def test_ghcb_cpuid_answers_with_each_vcpus_own_apic_id() -> None:
     kvm.close()
     m = Machine(vcpu_count=4)
     m.service = VmgexitService(m.memory, m.ports, m.mmio, table.lookup, c_bit=51, vcpu_count=4,
-                               vcpu_cpuid_lookup=table.vcpu_lookup)
+                               kvm_cpuid=table.kvm_cpuid)
     for vcpu in range(4):
         gpa = GHCB_GPA + 0x1000 * vcpu
         page = m.ghcb(g.SVM_EXIT_CPUID, vcpu=vcpu, gpa=gpa, rax=1, rcx=0)

@@ -26,6 +26,7 @@ from vmmd.sev.measure import (
     DEFAULT_SEVES_POLICY,
     MEASURE_BLOB_SIZE,
     MNONCE_SIZE,
+    QEMU_LEGACY_VM_TYPE_INIT2,
     TIK_SIZE,
     LaunchPlan,
     build_ovmf_plan,
@@ -188,6 +189,8 @@ def format_assumed(assumed: dict[str, Any]) -> list[str]:
                              f"(CPUID 1 EAX {assumed['cpu_sig']}, in the VMSAs' RDX)"))
     lines += [("vCPUs", str(assumed["vcpus"])), ("policy", _policy_words(int(assumed["policy"], 16))),
               ("init", assumed["init"]), ("VMSA features", assumed["vmsa_features"])]
+    if assumed.get("matches"):
+        lines.append(("matches", assumed["matches"]))
     for key, label in (("digest", "launch digest"), ("api_version", "API version"), ("build", "build"),
                        ("mnonce", "mnonce")):
         if key in assumed:
@@ -208,7 +211,11 @@ def _plan_options(func: Any) -> Any:
                      help=f"QEMU model ({', '.join(CPU_SIGS)}) or a CPUID 1 EAX number"),
         click.option("--policy", default=hex(DEFAULT_SEVES_POLICY), show_default=True, help="SEV guest policy"),
         click.option("--init2/--legacy-init", default=True, show_default=True,
-                     help="KVM_SEV_INIT2 (FPU state in the VMSA) or legacy KVM_SEV_ES_INIT"),
+                     help="KVM_X86_SEV_ES_VM + KVM_SEV_INIT2 (FPU state in the VMSA; QEMU legacy-vm-type=off) or "
+                          "KVM_X86_DEFAULT_VM + KVM_SEV_ES_INIT (FPU area zero; QEMU's default)"),
+        click.option("--qemu-legacy-vm-type", type=click.Choice(sorted(QEMU_LEGACY_VM_TYPE_INIT2)),
+                     help="predict what QEMU measures with -object sev-guest,legacy-vm-type=...: auto (QEMU's "
+                          "default) and on use KVM_SEV_ES_INIT, off uses KVM_SEV_INIT2"),
         click.option("--vmsa-features", default="0", show_default=True, help="VMSA sev_features (INIT2 only)"),
         click.option("--memory", default="64M", show_default=True,
                      help="guest RAM, for vmmd flat images (OVMF images ignore it)"),
@@ -218,6 +225,15 @@ def _plan_options(func: Any) -> Any:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _init_path(init2: bool, qemu_legacy_vm_type: str | None) -> bool:
+    """--init2/--legacy-init, or what QEMU's legacy-vm-type setting makes of it (measure.launch_matches())."""
+    if qemu_legacy_vm_type is None:
+        return init2
+    if _given("init2"):
+        raise click.UsageError("give either --init2/--legacy-init or --qemu-legacy-vm-type, not both")
+    return QEMU_LEGACY_VM_TYPE_INIT2[qemu_legacy_vm_type]
 
 
 def _fail(err: VmmdError) -> None:
@@ -233,11 +249,16 @@ def _fail(err: VmmdError) -> None:
 @click.option("--build", "build_id", type=click.IntRange(0, 255), help="SEV firmware build (with --tik)")
 @click.option("--mnonce", help="measurement nonce, 32 hex digits (with --tik)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool, vmsa_features: str,
-                memory: str, c_bit: int,
+def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
+                qemu_legacy_vm_type: str | None, vmsa_features: str, memory: str, c_bit: int,
                 dump_vmsa: Path | None, tik: Path | None, api_version: str | None, build_id: int | None,
                 mnonce: str | None, as_json: bool) -> None:
-    """Print the SEV-ES launch digest (and, with --tik ..., the expected MEASURE) of a firmware image."""
+    """Print the SEV-ES launch digest (and, with --tik ..., the expected MEASURE) of a firmware image.
+
+    The digest depends on how KVM is asked to launch: the default (--init2) predicts KVM_SEV_INIT2, i.e. QEMU
+    with legacy-vm-type=off and vmmd on Linux 6.10+; QEMU's own default is --qemu-legacy-vm-type auto
+    (KVM_SEV_ES_INIT). The output names which launches the digest matches."""
+    init2 = _init_path(init2, qemu_legacy_vm_type)
     want_measure = [tik, api_version, build_id, mnonce]
     if any(v is not None for v in want_measure) and not all(v is not None for v in want_measure):
         raise click.UsageError("--tik, --api-version, --build and --mnonce go together")
@@ -279,10 +300,11 @@ def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str
 @click.option("--api-version", required=True, help="SEV firmware API version MAJ.MIN")
 @click.option("--build", "build_id", type=click.IntRange(0, 255), required=True)
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool, vmsa_features: str,
-               memory: str, c_bit: int,
+def verify_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
+               qemu_legacy_vm_type: str | None, vmsa_features: str, memory: str, c_bit: int,
                blob: str, tik: Path, api_version: str, build_id: int, as_json: bool) -> None:
     """Check a reported launch measurement against the firmware image: exit 0 on match, 1 on mismatch."""
+    init2 = _init_path(init2, qemu_legacy_vm_type)
     try:
         plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit)
         major, minor = _api_version(api_version)

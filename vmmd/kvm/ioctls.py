@@ -13,6 +13,7 @@ from ioctl_opt import IO, IOR, IOW, IOWR
 from vmmd.kvm.uapi import (
     KVMIO,
     kvm_cpuid2,
+    kvm_debugregs,
     kvm_device_attr,
     kvm_enable_cap,
     kvm_enc_region,
@@ -25,6 +26,7 @@ from vmmd.kvm.uapi import (
     kvm_regs,
     kvm_sregs,
     kvm_userspace_memory_region,
+    kvm_vcpu_events,
     kvm_xcrs,
     kvm_xsave,
 )
@@ -61,6 +63,10 @@ KVM_SET_CPUID2 = IOW(KVMIO, 0x90, kvm_cpuid2)  # KVM_CAP_EXT_CPUID
 KVM_GET_CPUID2 = IOWR(KVMIO, 0x91, kvm_cpuid2)  # KVM_CAP_EXT_CPUID
 KVM_GET_MP_STATE = IOR(KVMIO, 0x98, kvm_mp_state)  # KVM_CAP_MP_STATE
 KVM_SET_MP_STATE = IOW(KVMIO, 0x99, kvm_mp_state)  # KVM_CAP_MP_STATE
+KVM_GET_VCPU_EVENTS = IOR(KVMIO, 0x9F, kvm_vcpu_events)  # KVM_CAP_VCPU_EVENTS
+KVM_SET_VCPU_EVENTS = IOW(KVMIO, 0xA0, kvm_vcpu_events)  # KVM_CAP_VCPU_EVENTS
+KVM_GET_DEBUGREGS = IOR(KVMIO, 0xA1, kvm_debugregs)  # KVM_CAP_DEBUGREGS
+KVM_SET_DEBUGREGS = IOW(KVMIO, 0xA2, kvm_debugregs)  # KVM_CAP_DEBUGREGS
 KVM_ENABLE_CAP = IOW(KVMIO, 0xA3, kvm_enable_cap)  # vCPU, and VM fd with KVM_CAP_ENABLE_CAP_VM
 KVM_GET_XSAVE = IOR(KVMIO, 0xA4, kvm_xsave)  # KVM_CAP_XSAVE
 KVM_SET_XSAVE = IOW(KVMIO, 0xA5, kvm_xsave)  # KVM_CAP_XSAVE

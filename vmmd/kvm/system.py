@@ -365,6 +365,40 @@ class Vcpu:
                 return xcrs.xcrs[i].value
         return 1
 
+    def set_xcr0(self, value: int) -> None:
+        """KVM_SET_XCRS with XCR0 only (the one XCR KVM supports, x86.c kvm_vcpu_ioctl_x86_set_xcrs())."""
+        xcrs = uapi.kvm_xcrs(nr_xcrs=1, flags=0)
+        xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, value
+        _ioctl(self.fd, io.KVM_SET_XCRS, xcrs, f"KVM_SET_XCRS(XCR0={value:#x})",
+               "the guest's CPUID (leaf 0xD) must allow every XCR0 bit")
+
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        return self._get(uapi.kvm_debugregs, io.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, dr6: int, dr7: int, db: tuple[int, int, int, int] = (0, 0, 0, 0)) -> None:
+        """KVM_SET_DEBUGREGS: DR0-3, DR6, DR7 (bits 63:32 of DR6/DR7 must be 0, regs.c kvm_dr6_valid())."""
+        dbg = uapi.kvm_debugregs(dr6=dr6, dr7=dr7, flags=0)
+        for i, value in enumerate(db):
+            dbg.db[i] = value
+        _ioctl(self.fd, io.KVM_SET_DEBUGREGS, dbg, f"KVM_SET_DEBUGREGS(DR6={dr6:#x}, DR7={dr7:#x})")
+
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        return self._get(uapi.kvm_vcpu_events, io.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Queue an exception for the next KVM_RUN, as kvm_queue_exception{,_e}() does inside KVM: through
+        KVM_SET_VCPU_EVENTS with exception.injected (no KVM_CAP_EXCEPTION_PAYLOAD needed). Any pending port-I/O
+        completion runs first (x86.c kvm_arch_vcpu_ioctl_run(): complete_userspace_io, then event injection),
+        so the exception is delivered at the next instruction, like one KVM injects while emulating."""
+        events = self.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.pending = 0
+        events.exception.nr = vector
+        events.exception.has_error_code = 0 if error_code is None else 1
+        events.exception.error_code = error_code or 0
+        events.flags = 0  # change nothing else: no NMI / SIPI / SHADOW / SMM / payload / triple-fault fields
+        _ioctl(self.fd, io.KVM_SET_VCPU_EVENTS, events, f"KVM_SET_VCPU_EVENTS(exception {vector})")
+
     def enable_cap(self, cap: int, *args: int) -> None:
         _enable_cap(self.fd, cap, args, f"KVM_ENABLE_CAP({cap}) on vCPU {self.index}")
 

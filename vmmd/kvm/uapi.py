@@ -106,6 +106,42 @@ class kvm_xsave(ctypes.Structure):
     _fields_ = [("region", u32 * 1024)]
 
 
+class kvm_debugregs(ctypes.Structure):
+    """KVM_GET/SET_DEBUGREGS (KVM_CAP_DEBUGREGS): DR0-3, DR6, DR7; flags must be 0 (arch/x86/kvm/x86.c)."""
+
+    _fields_ = [("db", u64 * 4), ("dr6", u64), ("dr7", u64), ("flags", u64), ("reserved", u64 * 9)]
+
+
+# The header's anonymous member structs of kvm_vcpu_events, checked through its field offsets.
+class kvm_vcpu_events_exception(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("has_error_code", u8), ("pending", u8), ("error_code", u32)]
+
+
+class kvm_vcpu_events_interrupt(ctypes.Structure):
+    _fields_ = [("injected", u8), ("nr", u8), ("soft", u8), ("shadow", u8)]
+
+
+class kvm_vcpu_events_nmi(ctypes.Structure):
+    _fields_ = [("injected", u8), ("pending", u8), ("masked", u8), ("pad", u8)]
+
+
+class kvm_vcpu_events_smi(ctypes.Structure):
+    _fields_ = [("smm", u8), ("pending", u8), ("smm_inside_nmi", u8), ("latched_init", u8)]
+
+
+class kvm_vcpu_events_triple_fault(ctypes.Structure):
+    _fields_ = [("pending", u8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    """KVM_GET/SET_VCPU_EVENTS (KVM_CAP_VCPU_EVENTS): pending and injected exceptions, interrupts, NMI, SMI."""
+
+    _fields_ = [("exception", kvm_vcpu_events_exception), ("interrupt", kvm_vcpu_events_interrupt),
+                ("nmi", kvm_vcpu_events_nmi), ("sipi_vector", u32), ("flags", u32),
+                ("smi", kvm_vcpu_events_smi), ("triple_fault", kvm_vcpu_events_triple_fault),
+                ("reserved", u8 * 26), ("exception_has_payload", u8), ("exception_payload", u64)]
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
@@ -167,8 +203,17 @@ class kvm_run_mmio(ctypes.Structure):
     _fields_ = [("phys_addr", u64), ("data", u8 * 8), ("len", u32), ("is_write", u8)]
 
 
+class kvm_run_hypercall_mode(ctypes.Union):
+    """The anonymous union ending kvm_run.hypercall: `longmode` (userspace's name, as in Linux 6.1's
+    `__u32 longmode; __u32 pad;`) overlaid by `flags` (KVM_EXIT_HYPERCALL_LONG_MODE, ...): Linux 6.4 made the
+    same 8 bytes `union { __u32 longmode; __u64 flags; }` (include/uapi/linux/kvm.h as of 6.4-rc1 and 6.12)."""
+
+    _fields_ = [("longmode", u32), ("flags", u64)]
+
+
 class kvm_run_hypercall(ctypes.Structure):
-    _fields_ = [("nr", u64), ("args", u64 * 6), ("ret", u64), ("longmode", u32), ("pad", u32)]
+    _anonymous_ = ("mode",)
+    _fields_ = [("nr", u64), ("args", u64 * 6), ("ret", u64), ("mode", kvm_run_hypercall_mode)]
 
 
 class kvm_run_internal(ctypes.Structure):
@@ -236,6 +281,8 @@ KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_AP_RESET_HOLD = 9
 
 KVM_SYSTEM_EVENT_SHUTDOWN = 1
 KVM_SYSTEM_EVENT_RESET = 2
@@ -257,6 +304,8 @@ KVM_CAP_MP_STATE = 14
 KVM_CAP_PIT2 = 33
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_INTERNAL_ERROR_DATA = 40
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
 KVM_CAP_XCRS = 56
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_DEVICE_CTRL = 89
@@ -268,7 +317,8 @@ KVM_CAP_VM_TYPES = 235  # since Linux 6.10: not in Debian 12's headers
 LAYOUT_HEADERS = ["linux/kvm.h", "asm/kvm.h"]
 LAYOUT_STRUCTS = [
     kvm_regs, kvm_segment, kvm_dtable, kvm_sregs, kvm_fpu, kvm_msr_entry, kvm_msrs, kvm_cpuid_entry2,
-    kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_xsave, kvm_msr_filter_range, kvm_msr_filter, kvm_pit_config,
+    kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_xsave, kvm_debugregs, kvm_vcpu_events, kvm_msr_filter_range, kvm_msr_filter,
+    kvm_pit_config,
     kvm_userspace_memory_region, kvm_irq_level, kvm_mp_state, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
 ]
 LAYOUT_CONSTANTS = [
@@ -282,7 +332,8 @@ LAYOUT_CONSTANTS = [
     "KVM_EXIT_AP_RESET_HOLD", "KVM_EXIT_X86_BUS_LOCK", "KVM_EXIT_NOTIFY", "KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT",
     "KVM_PIO_PAGE_OFFSET", "KVM_INTERNAL_ERROR_EMULATION", "KVM_INTERNAL_ERROR_SIMUL_EX",
     "KVM_INTERNAL_ERROR_DELIVERY_EV", "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON",
-    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_CAP_MP_STATE",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_HALTED", "KVM_MP_STATE_AP_RESET_HOLD",
+    "KVM_CAP_MP_STATE", "KVM_CAP_VCPU_EVENTS", "KVM_CAP_DEBUGREGS",
     "KVM_SYSTEM_EVENT_SHUTDOWN", "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_CRASH", "KVM_SYSTEM_EVENT_SEV_TERM",
     "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER",
     "KVM_PIT_SPEAKER_DUMMY",
@@ -293,7 +344,7 @@ LAYOUT_CONSTANTS = [
 ]
 # Items newer than the installed headers can be: the layout test reports them as
 # not checkable there instead of failing (value: the Linux release that added them).
-ADDED_IN = {"KVM_CAP_VM_TYPES": "6.10"}
+ADDED_IN = {"KVM_CAP_VM_TYPES": "6.10", "struct kvm_run.hypercall.flags": "6.4"}
 
 
 def msrs_buffer(count: int) -> ctypes.Array:

@@ -28,26 +28,37 @@ def emulator_leaves(doorbell_port: int) -> list[uapi.kvm_cpuid_entry2]:
 CPUID_1_ECX_XSAVE = 1 << 26
 
 
+# Vendors for which KVM answers out-of-range leaves with zeros (arch/x86/kvm/kvm_emulate.h is_guest_vendor_amd(),
+# is_guest_vendor_hygon(); CPUID 0 EBX, ECX, EDX): "AuthenticAMD", "AMDisbetter!", "HygonGenuine".
+ZERO_OUT_OF_RANGE_VENDORS = frozenset({(0x6874_7541, 0x444D_4163, 0x6974_6E65), (0x6944_4D41, 0x2172_6574, 0x7465_6273),
+                                       (0x6F67_7948, 0x656E_6975, 0x6E65_476E)})
+Regs = tuple[int, int, int, int]
+
+
 class CpuidTable:
-    """An ordered list of kvm_cpuid_entry2 with KVM's lookup rule (arch/x86/kvm/cpuid.c kvm_find_cpuid_entry)."""
+    """An ordered list of kvm_cpuid_entry2 with KVM's lookup rules (arch/x86/kvm/cpuid.c)."""
 
     def __init__(self, entries: list[uapi.kvm_cpuid_entry2]) -> None:
         self.entries = entries
-        self._index: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-        self._any_index: dict[int, tuple[int, int, int, int]] = {}
+        # function -> [(index, index significant, regs)] in table order (cpuid_entry2_find() walks it in order)
+        self._by_function: dict[int, list[tuple[int, bool, Regs]]] = {}
         for e in entries:
-            regs = (e.eax, e.ebx, e.ecx, e.edx)
-            if e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX:
-                self._index[(e.function, e.index)] = regs
-            else:
-                self._any_index.setdefault(e.function, regs)
+            significant = bool(e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX)
+            self._by_function.setdefault(e.function, []).append((e.index, significant, (e.eax, e.ebx, e.ecx, e.edx)))
 
-    def lookup(self, function: int, index: int = 0) -> tuple[int, int, int, int]:
-        """(eax, ebx, ecx, edx) for the leaf; zeros when the table has no such leaf."""
-        regs = self._index.get((function, index))
-        if regs is None:
-            regs = self._any_index.get(function, (0, 0, 0, 0))
-        return regs
+    def find(self, function: int, index: int | None = None) -> Regs | None:
+        """kvm_find_cpuid_entry_index(): the first entry for `function` whose index is not significant or equals
+        `index`; index None is KVM_CPUID_INDEX_NOT_SIGNIFICANT (kvm_find_cpuid_entry(): the first entry)."""
+        for entry_index, significant, regs in self._by_function.get(function, ()):
+            if index is None or not significant or entry_index == index:
+                return regs
+        return None
+
+    def lookup(self, function: int, index: int = 0) -> Regs:
+        """(eax, ebx, ecx, edx) of the leaf as the table holds it; zeros when the table has no such leaf. This is
+        what KVM's guest_cpuid_has() and friends read; a guest's CPUID gets kvm_cpuid() (vcpu_lookup)."""
+        regs = self.find(function, index)
+        return regs if regs is not None else (0, 0, 0, 0)
 
     @property
     def has_xsave(self) -> bool:
@@ -63,10 +74,52 @@ class CpuidTable:
             out.append(c)
         return out
 
-    def vcpu_lookup(self, vcpu_index: int, function: int, index: int = 0) -> tuple[int, int, int, int]:
-        """lookup() as vCPU `vcpu_index` sees it: the same values KVM answers from that vCPU's for_vcpu() table,
-        for CPUID answered by vmmd itself (the GHCB service)."""
-        return _per_vcpu(function, self.lookup(function, index), vcpu_index)
+    def _vcpu_find(self, vcpu_index: int, function: int, index: int | None) -> Regs | None:
+        regs = self.find(function, index)
+        return None if regs is None else _per_vcpu(function, regs, vcpu_index)
+
+    def kvm_cpuid(self, vcpu_index: int, function: int, index: int) -> tuple[Regs, int]:
+        """What CPUID(function, index) answers on vCPU `vcpu_index` under KVM, whose table is for_vcpu(vcpu_index),
+        and the leaf the answer came from: arch/x86/kvm/cpuid.c kvm_cpuid() with exact_only false.
+
+        - the exact entry (kvm_find_cpuid_entry_index());
+        - else, unless the vendor is AMD or Hygon, the out-of-range rule of get_out_of_range_cpuid_entry(): a
+          leaf above its class's maximum (or of a class the table lacks) answers as the highest basic leaf
+          (CPUID 0 EAX) with the original sub-leaf;
+        - else zeros, except that for leaf 0xB / 0x1F (also when the redirect landed there), when the table has
+          its sub-leaf 1, ECX = sub-leaf & 0xFF and EDX = that entry's EDX (the x2APIC ID).
+        Not modelled: the MSR_IA32_TSX_CTRL and Hyper-V invariant-TSC adjustments of leaves 7 and 0x80000007 (the
+        guest cannot write TSX_CTRL here, so KVM would not clear anything either; vmmd has no Hyper-V)."""
+        regs = self._vcpu_find(vcpu_index, function, index)
+        if regs is not None:
+            return regs, function
+        regs, function = self._out_of_range(vcpu_index, function, index)
+        if regs is not None:
+            return regs, function
+        if function in TOPOLOGY_LEAVES:
+            one = self._vcpu_find(vcpu_index, function, 1)
+            if one is not None:
+                return (0, 0, index & 0xFF, one[3]), function
+        return (0, 0, 0, 0), function
+
+    def _out_of_range(self, vcpu_index: int, function: int, index: int) -> tuple[Regs | None, int]:
+        basic = self.find(0)
+        if basic is None or basic[1:] in ZERO_OUT_OF_RANGE_VENDORS:
+            return None, function
+        if 0x4000_0000 <= function <= 0x4FFF_FFFF:
+            cls = self.find(function & 0xFFFF_FF00)
+        elif function >= 0xC000_0000:
+            cls = self.find(0xC000_0000)
+        else:
+            cls = self.find(function & 0x8000_0000)
+        if cls is not None and function <= cls[0]:
+            return None, function
+        return self._vcpu_find(vcpu_index, basic[0], index), basic[0]
+
+    def vcpu_lookup(self, vcpu_index: int, function: int, index: int = 0) -> Regs:
+        """CPUID as vCPU `vcpu_index` sees it from KVM (kvm_cpuid()): what the GHCB service answers, so a guest gets
+        the same values whether the CPUID instruction or a GHCB CPUID request asks."""
+        return self.kvm_cpuid(vcpu_index, function, index)[0]
 
 
 def _per_vcpu(function: int, regs: tuple[int, int, int, int], vcpu_index: int) -> tuple[int, int, int, int]:

@@ -52,6 +52,9 @@ class ExitContext:
     # SEV-ES: the registers live encrypted in the VMSA; KVM_GET_REGS refuses them (6.10+) or, on older
     # kernels, answers with the stale pre-launch values, so crash reports leave them out
     registers_protected: bool = False
+    # (vcpu) -> None, after a KVM_RUN that returned EINTR (the VM is not stopping); may raise VmStop. sev-es uses
+    # it to notice a guest halted for good while KVM handles HLT in the kernel (vmmd.sev.halt_watch)
+    interrupted: Callable[[object], None] | None = None
     counters: dict = field(default_factory=dict)
 
 
@@ -99,6 +102,8 @@ def handle_exit(ex: exits.Exit, vcpu, ctx: ExitContext) -> int:
             ctx.msr_handler(vcpu, ex)
         return CONTINUE
     if kind is exits.InterruptedExit:
+        if ctx.interrupted is not None:
+            ctx.interrupted(vcpu)
         return CONTINUE
     if kind is exits.HltExit:
         if ctx.halt_stops_vm:
@@ -164,6 +169,7 @@ def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop 
     run = vcpu.make_run(resolved)
     doorbell = ctx.doorbell
     doorbell_port = ctx.doorbell_port if doorbell is not None else -1
+    interrupted = ctx.interrupted
     try:
         while True:
             ex = run()
@@ -192,6 +198,8 @@ def run_vcpu(vcpu, ctx: ExitContext, should_stop: Callable[[], bool]) -> VmStop 
                 vcpu.run_bytes[1] = 0  # clear immediate_exit first: a kick landing after this is not lost
                 if should_stop():
                     return None
+                if interrupted is not None:
+                    interrupted(vcpu)
                 continue
             if handle(ex, vcpu, ctx) == VCPU_HALTED:
                 return None

@@ -5,8 +5,9 @@ sev_kvm_init() -> sev_launch_start(), sev_launch_update_data(), sev_launch_get_m
 issues LAUNCH_UPDATE_VMSA first, sev_launch_finish(); Linux selftests lib/x86/sev.c
 sev_vm_launch*(), which check KVM_SEV_GUEST_STATUS after each step):
 
-    init          KVM_SEV_INIT2 on a KVM_X86_SEV_ES_VM (vmsa_features, ghcb_version), or the
-                  legacy KVM_SEV_ES_INIT on a default VM (kernels before 6.10)
+    init          KVM_SEV_INIT2 on a KVM_X86_SEV_ES_VM (vmsa_features; ghcb_version 0, i.e. KVM's
+                  choice, as QEMU and the selftests pass it, unless the caller asks for one), or the
+                  legacy KVM_SEV_ES_INIT on a default VM (kernels before 6.10; GHCB version 1)
     register      KVM_MEMORY_ENCRYPT_REG_REGION over every RAM slot (pins it)
     launch_start  KVM_SEV_LAUNCH_START (policy, optional guest-owner DH cert / session)  -> LUPDATE
     update_data   KVM_SEV_LAUNCH_UPDATE_DATA for each plan region, in plan order         -> LUPDATE
@@ -329,6 +330,7 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
         self.es = False
         self.vmsa_features = 0
         self.ghcb_version = 0
+        self.requested_ghcb_version: int | None = None  # kvm_sev_init.ghcb_version as INIT2 received it
         self.regions_registered = False
         self.state = SevGuestState.UNINIT
         self.handle = 0
@@ -371,7 +373,8 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
             raise SevError(command, errno.EINVAL, None, f"ghcb_version {ghcb_version} > {uapi.GHCB_VERSION_MAX}")
         self.initialized, self.es = True, True
         self.vmsa_features = vmsa_features
-        self.ghcb_version = ghcb_version or uapi.GHCB_VERSION_DEFAULT
+        self.requested_ghcb_version = ghcb_version
+        self.ghcb_version = ghcb_version or uapi.GHCB_VERSION_DEFAULT  # sev.c __sev_guest_init()
         self.log.append(command)
 
     def es_init(self) -> None:
@@ -379,7 +382,7 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
             raise SevError("KVM_SEV_ES_INIT", errno.EINVAL, None, "already initialised")
         self.initialized, self.es = True, True
         self.vmsa_features = self.supported_vmsa_features if not self.has_init2 else 0
-        self.ghcb_version = 1
+        self.ghcb_version = uapi.GHCB_VERSION_MIN  # sev.c sev_guest_init(): "the minimal GHCB protocol version"
         self.log.append("KVM_SEV_ES_INIT")
 
     def register_ram(self) -> None:
@@ -507,7 +510,8 @@ class LaunchResult:
     init_command: str
     vm_type: int
     vmsa_features: int
-    ghcb_version: int
+    ghcb_version: int  # the version the guest's SEV_INFO offers as its maximum
+    ghcb_version_chosen_by: str  # "request" or "KVM" (what sev.c __sev_guest_init() does with 0)
     handle: int
     policy: int
     measurement: bytes
@@ -518,7 +522,8 @@ class LaunchResult:
 
     def as_dict(self) -> dict:
         return {"backend": self.backend, "init": self.init_command, "vm_type": self.vm_type,
-                "vmsa_features": self.vmsa_features, "ghcb_version": self.ghcb_version, "handle": self.handle,
+                "vmsa_features": self.vmsa_features, "ghcb_version": self.ghcb_version,
+                "ghcb_version_chosen_by": self.ghcb_version_chosen_by, "handle": self.handle,
                 "policy": uapi.describe_policy(self.policy), "measurement": self.measurement.hex(),
                 "mnonce": self.mnonce.hex(), "launch_digest": self.expected_digest.hex(), "steps": self.steps,
                 "platform": self.platform.as_dict() if self.platform else None}
@@ -535,7 +540,7 @@ EXPECTED_STATE = {
 class SevEsLaunch:
     """Runs a LaunchPlan through a backend in the one valid order, checking guest state after each step."""
 
-    def __init__(self, backend: SevBackend, plan: measure.LaunchPlan, *, ghcb_version: int = uapi.GHCB_VERSION_MAX,
+    def __init__(self, backend: SevBackend, plan: measure.LaunchPlan, *, ghcb_version: int | None = None,
                  dh_cert: bytes | None = None, session: bytes | None = None,
                  secret: LaunchSecret | None = None) -> None:
         self.backend = backend
@@ -581,9 +586,13 @@ class SevEsLaunch:
         if not plan.init2 and plan.vmsa_features != caps.vmsa_features:
             raise VmmdError(f"legacy KVM_SEV_ES_INIT will set VMSA features {caps.vmsa_features:#x} (kvm_amd "
                             f"debug_swap) but the plan assumes {plan.vmsa_features:#x}")
-        if not 1 <= self.ghcb_version <= uapi.GHCB_VERSION_MAX:
-            raise VmmdError(f"GHCB version {self.ghcb_version} is outside {uapi.GHCB_VERSION_MIN}.."
-                            f"{uapi.GHCB_VERSION_MAX}")
+        if self.ghcb_version is not None:
+            if not uapi.GHCB_VERSION_MIN <= self.ghcb_version <= uapi.GHCB_VERSION_MAX:
+                raise VmmdError(f"GHCB version {self.ghcb_version} is outside {uapi.GHCB_VERSION_MIN}.."
+                                f"{uapi.GHCB_VERSION_MAX}")
+            if not plan.init2 and self.ghcb_version != uapi.GHCB_VERSION_MIN:
+                raise VmmdError(f"GHCB version {self.ghcb_version} needs KVM_SEV_INIT2: legacy KVM_SEV_ES_INIT "
+                                f"always offers version {uapi.GHCB_VERSION_MIN} (sev.c sev_guest_init())")
         if not plan.vcpus:
             raise VmmdError("the plan has no vCPUs: an SEV-ES launch measures at least one VMSA")
         for region in plan.regions:
@@ -639,7 +648,9 @@ class SevEsLaunch:
     # --- the steps, in order -----------------------------------------------------------------
     def init(self) -> None:
         if self.plan.init2:
-            self._step("init", lambda: self.backend.init2(self.plan.vmsa_features, self.ghcb_version))
+            # 0 lets KVM choose (sev.c __sev_guest_init(): GHCB_VERSION_DEFAULT), as QEMU's sev_common_kvm_init()
+            # and the selftests' vm_sev_ioctl(KVM_SEV_INIT2) pass it
+            self._step("init", lambda: self.backend.init2(self.plan.vmsa_features, self.ghcb_version or 0))
         else:
             self._step("init", self.backend.es_init)
 
@@ -692,12 +703,23 @@ class SevEsLaunch:
     def finish(self) -> None:
         self._step("finish", self.backend.launch_finish)
 
+    @property
+    def effective_ghcb_version(self) -> int:
+        """The GHCB version KVM runs the guest with: the request, else what KVM picks (sev.c: INIT2 with 0 ->
+        GHCB_VERSION_DEFAULT; KVM_SEV_ES_INIT -> GHCB_VERSION_MIN). KVM does not report it back (kvm_sev_init is
+        input only, and the GHCB MSR it preloads with SEV_INFO is not readable through KVM_GET_MSRS); the guest
+        sees it in the SEV_INFO response."""
+        if self.ghcb_version is not None:
+            return self.ghcb_version
+        return uapi.GHCB_VERSION_DEFAULT if self.plan.init2 else uapi.GHCB_VERSION_MIN
+
     def result(self) -> LaunchResult:
         caps = self.caps
         return LaunchResult(
             backend=self.backend.name, init_command="KVM_SEV_INIT2" if self.plan.init2 else "KVM_SEV_ES_INIT",
             vm_type=uapi.KVM_X86_SEV_ES_VM if self.plan.init2 else uapi.KVM_X86_DEFAULT_VM,
-            vmsa_features=self.plan.vmsa_features, ghcb_version=self.ghcb_version if self.plan.init2 else 1,
+            vmsa_features=self.plan.vmsa_features, ghcb_version=self.effective_ghcb_version,
+            ghcb_version_chosen_by="request" if self.ghcb_version is not None else "KVM",
             handle=self.handle, policy=self.plan.policy, measurement=self.measurement, mnonce=self.mnonce,
             expected_digest=measure.launch_digest(self.plan), platform=caps.platform, steps=list(self.done))
 

@@ -80,8 +80,8 @@ class MeasuredRegion:
 class VcpuLaunch:
     """A vCPU as launched: the state vmmd programs into KVM and the VMSA page KVM will derive from it.
 
-    The sequencer programs `state` with vmsa.fill_kvm_regs() / fill_kvm_sregs() / fill_xsave()
-    (KVM_SET_REGS / SREGS / XSAVE; KVM_SET_FPU would drop MXCSR) before LAUNCH_UPDATE_VMSA.
+    The platform programs `state` with vmsa.program_vcpu() (KVM_SET_SREGS / REGS / XCRS / XSAVE / MSRS /
+    DEBUGREGS: every field build_vmsa() uses; KVM_SET_FPU would drop MXCSR) before LAUNCH_UPDATE_VMSA.
     """
 
     index: int
@@ -137,7 +137,30 @@ class LaunchPlan:
             "policy": f"{self.policy:#x}",
             "init": "KVM_SEV_INIT2" if self.init2 else "KVM_SEV_ES_INIT",
             "vmsa_features": f"{self.vmsa_features:#x}",
+            "matches": launch_matches(self.init2, qemu=self.cpu_sig != 0),  # cpu_sig 0: a flat image, vmmd's own
         }
+
+
+# Which launches a digest is the digest of. KVM puts the x87/SSE/AVX state into the VMSA only for VM types other
+# than KVM_X86_DEFAULT_VM (arch/x86/kvm/svm/sev.c sev_es_sync_vmsa(): "Skip FPU and AVX setup with
+# KVM_SEV_ES_INIT to avoid breaking older measurements"), so the two init paths measure different VMSAs.
+# QEMU (target/i386/sev.c sev_kvm_type()) creates KVM_X86_DEFAULT_VM + KVM_SEV_ES_INIT for legacy-vm-type=on
+# and for its default, auto (no sev-guest option QEMU exposes requires KVM_SEV_INIT2), and KVM_X86_SEV_ES_VM +
+# KVM_SEV_INIT2 only for legacy-vm-type=off.
+QEMU_LEGACY_VM_TYPE_INIT2 = {"off": True, "on": False, "auto": False}
+
+
+def launch_matches(init2: bool, qemu: bool = True) -> str:
+    """The launches a plan's digest predicts, named as QEMU and vmmd users choose them (`qemu` False for images
+    only vmmd launches, such as its flat firmware)."""
+    if init2:
+        qemu_part = "QEMU -object sev-guest,legacy-vm-type=off; " if qemu else ""
+        tool = "; sev-snp-measure --mode seves" if qemu else ""
+        return (f"KVM_X86_SEV_ES_VM + KVM_SEV_INIT2 (FPU state in the VMSA): {qemu_part}vmmd's sev-es launch on "
+                f"Linux 6.10+{tool}")
+    qemu_part = "QEMU's default sev-guest (legacy-vm-type=auto) and legacy-vm-type=on; " if qemu else ""
+    return (f"KVM_X86_DEFAULT_VM + KVM_SEV_ES_INIT (VMSA FPU area zero): {qemu_part}vmmd's sev-es launch before "
+            "Linux 6.10")
 
 
 def launch_digest(plan: LaunchPlan) -> bytes:
@@ -212,7 +235,9 @@ def build_ovmf_plan(ovmf_bytes: bytes | bytearray | memoryview, vcpus: int, cpu_
 
     vCPU 0 is the BSP in the x86 reset state; the others start at the SEV-ES reset block EIP.
     `init2` defaults to True: KVM_SEV_INIT2 syncs the FPU state (FCW 0x37f, MXCSR 0x1f80) into
-    the VMSA, which is what sev-snp-measure's seves/QEMU model contains.
+    the VMSA, which is what sev-snp-measure's seves/QEMU model contains and what QEMU measures with
+    legacy-vm-type=off. QEMU's default (legacy-vm-type=auto) launches with KVM_SEV_ES_INIT: init2=False
+    (launch_matches()).
     """
     if not 1 <= vcpus <= MAX_VCPUS:
         raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, got {vcpus}")

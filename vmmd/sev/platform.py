@@ -28,7 +28,7 @@ from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext
 from vmmd.memory import GuestMemory
 from vmmd.sev import measure
 from vmmd.sev.cpu_types import DEFAULT_CPU_TYPE, decode_sig, resolve_cpu_sig
-from vmmd.sev.vmsa import VcpuState, fill_kvm_regs, fill_kvm_sregs, fill_xsave
+from vmmd.sev.vmsa import VcpuState, program_vcpu
 
 DEFAULT_HW_C_BIT = 51  # EPYC 7xx2/7xx3/9xx4 report C-bit 51 in CPUID 0x8000001F EBX[5:0]
 
@@ -46,6 +46,8 @@ class LaunchInputs:
     # the CPU model whose CPUID 1 EAX a reset-vector image's VMSAs carry in a predicted digest (sev-es-emu);
     # None: DEFAULT_CPU_TYPE, as `vmctl measure`. Hardware launches use the host's own signature.
     cpu_type: str | None = None
+    # KVM_SEV_INIT2's ghcb_version; None passes 0 and lets KVM choose (GHCB_VERSION_DEFAULT), as QEMU does
+    ghcb_version: int | None = None
 
     @property
     def uses_init2(self) -> bool:
@@ -174,7 +176,7 @@ class SevEsEmuPlatform(Platform):
 
         self.service = VmgexitService(machine.memory, machine.port_bus, machine.mmio_bus, machine.cpuid.lookup,
                                       c_bit=self.c_bit, vcpu_count=machine.config.cpus,
-                                      vcpu_cpuid_lookup=machine.cpuid.vcpu_lookup)
+                                      kvm_cpuid=machine.cpuid.kvm_cpuid)
         ctx.msr_handler = self.handle_msr
         ctx.doorbell_port = self.doorbell_port
         ctx.doorbell = self.doorbell
@@ -250,8 +252,14 @@ class SevEsPlatform(Platform):
                              status=term.reason_set << 8 | term.reason_code if known else None)
 
         ctx.system_event_handler = system_event
-        ctx.halt_stops_vm = False  # the in-kernel irqchip handles HLT
+        ctx.halt_stops_vm = False  # the in-kernel irqchip handles HLT: KVM_EXIT_HLT never comes
         ctx.registers_protected = True
+        # ...so a guest ending in `cli; hlt` is noticed by asking each vCPU now and then (vmmd/sev/halt_watch.py)
+        from vmmd.sev.halt_watch import HaltWatch
+
+        self.halt_watch = HaltWatch(machine.config.cpus, machine.kick_all)
+        ctx.interrupted = self.halt_watch.check
+        self.halt_watch.start()
 
     def launch(self, machine) -> None:
         from vmmd.sev.launch import SevEsLaunch
@@ -273,16 +281,17 @@ class SevEsPlatform(Platform):
                     # (firmware/include/bootinfo.h). Reset-vector firmware (OVMF) starts its APs itself.
                     vcpu.set_mp_state(kvm_uapi.KVM_MP_STATE_RUNNABLE)
                 vcpu.set_cpuid2(machine.cpuid.for_vcpu(launch.index))
-                vcpu.set_sregs(fill_kvm_sregs(launch.state, vcpu.get_sregs()))
-                vcpu.set_regs(fill_kvm_regs(launch.state, kvm_uapi.kvm_regs()))
-                xsave_area = vcpu.get_xsave()
-                fill_xsave(launch.state, memoryview(xsave_area).cast("B"))
-                vcpu.set_xsave(xsave_area)
+                # every field build_vmsa() measured: SREGS, REGS, XCRS, XSAVE, MSRS, DEBUGREGS (issue 16)
+                program_vcpu(vcpu, launch.state)
                 machine.vcpus.append(vcpu)
 
-        self.launch_result = SevEsLaunch(self.backend, plan).run(set_vcpu_state)
+        self.launch_result = SevEsLaunch(self.backend, plan, ghcb_version=self.inputs.ghcb_version).run(set_vcpu_state)
 
     def release(self, machine) -> None:
+        watch = getattr(self, "halt_watch", None)
+        if watch is not None:
+            watch.close()
+            self.halt_watch = None
         if self.backend is not None:
             self.backend.release()
             self.backend = None

@@ -153,13 +153,14 @@ SEV_STATUS_FLAGS_OWNER = 0x0001  # SEV API 55766 PLATFORM_STATUS: 1 = externally
 
 
 class SevReturnCode(enum.IntEnum):
-    """sev_ret_code (psp-sev.h). Values 0x00-0x18 are in Linux 6.1; the SNP ones have these values since 6.13."""
+    """sev_ret_code (psp-sev.h). Values 0x00-0x18 are in Linux 6.1; the SNP ones have these values in 6.12.y
+    (backported from 6.13; earlier headers numbered them wrongly from 0x28)."""
 
     SEV_RET_NO_FW_CALL = -1  # Linux's own: the firmware was never called
     SEV_RET_SUCCESS = 0x00
     SEV_RET_INVALID_PLATFORM_STATE = 0x01
     SEV_RET_INVALID_GUEST_STATE = 0x02
-    SEV_RET_INAVLID_CONFIG = 0x03  # sic: the header's spelling (6.13 adds SEV_RET_INVALID_CONFIG as an alias)
+    SEV_RET_INAVLID_CONFIG = 0x03  # sic: the header's spelling (6.12's adds SEV_RET_INVALID_CONFIG as an alias)
     SEV_RET_INVALID_LEN = 0x04
     SEV_RET_ALREADY_OWNED = 0x05
     SEV_RET_INVALID_CERTIFICATE = 0x06
@@ -357,5 +358,7 @@ ADDED_IN: dict[str, str] = {
     "KVM_X86_GRP_SYSTEM": "6.10",
     "KVM_X86_GRP_SEV": "6.10",
     "KVM_X86_SEV_VMSA_FEATURES": "6.10",
-    **{code.name: "6.13" for code in SevReturnCode if code > SevReturnCode.SEV_RET_SECURE_DATA_INVALID},
+    # SEV-SNP codes 0x19..0x27 with their specification values: mainline 6.13 ("crypto: ccp: Fix uapi definitions
+    # of PSP errors", Cc: stable), backported to 6.12.y; Debian's 6.12 psp-sev.h has them (tests/test_layout.py).
+    **{code.name: "6.12" for code in SevReturnCode if code > SevReturnCode.SEV_RET_SECURE_DATA_INVALID},
 }

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -72,6 +72,19 @@ _V_EXIT = g.valid_mask(g.SW_EXIT_CODE, g.SW_EXIT_INFO_1, g.SW_EXIT_INFO_2)  # re
 _V_OUT = g.valid_mask(g.RAX, g.RBX, g.RCX, g.RDX, g.SW_EXIT_INFO_1, g.SW_EXIT_INFO_2)
 _V_OUT_LO = _V_OUT & M64
 _V_OUT_HI = _V_OUT >> 64
+_V_GPR = g.valid_mask(g.RAX, g.RBX, g.RCX, g.RDX)
+_V_GPR_LO, _V_GPR_HI = _V_GPR & M64, _V_GPR >> 64
+_V_INFO = g.valid_mask(g.SW_EXIT_INFO_1, g.SW_EXIT_INFO_2)
+_V_INFO_LO, _V_INFO_HI = _V_INFO & M64, _V_INFO >> 64
+
+
+def _piece_starts(views: list) -> list[int]:
+    """Offsets at which each view of a span starts (one per memory slot it touches)."""
+    starts, offset = [], 0
+    for view in views:
+        starts.append(offset)
+        offset += len(view)
+    return starts
 
 
 class VmgexitAction(enum.Enum):
@@ -82,11 +95,28 @@ class VmgexitAction(enum.Enum):
 
 
 class MsrAccess(Protocol):
-    """The vCPU side the MSR event needs (vmmd.kvm.Vcpu provides it)."""
+    """The vCPU side the MSR and RDPMC events need (vmmd.kvm.Vcpu provides it)."""
 
     def get_msr(self, index: int) -> int | None: ...
 
     def set_msr(self, index: int, value: int) -> bool: ...
+
+    def get_sregs(self) -> Any: ...
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None: ...
+
+
+# RDPMC (arch/x86/kvm/pmu.c kvm_pmu_rdpmc(), svm/pmu.c, vmx/pmu_intel.c; MSRs from asm/msr-index.h)
+X86_TRAP_GP = 13
+X86_CR0_PE = 1 << 0
+X86_CR4_PCE = 1 << 8
+MSR_K7_PERFCTR0 = 0xC001_0004  # AMD legacy counters 0-3
+MSR_F15H_PERF_CTR = 0xC001_0201  # AMD PERFCTR_CORE counters 0-5, every other MSR
+MSR_IA32_PERFCTR0 = 0x0000_00C1  # Intel general-purpose counters
+MSR_CORE_PERF_FIXED_CTR0 = 0x0000_0309  # Intel fixed counters
+INTEL_RDPMC_FIXED = 1 << 30  # pmu_intel.c INTEL_RDPMC_FIXED (INTEL_PMC_FIXED_RDPMC_BASE); GENMASK(31, 16) = type
+AMD64_NUM_COUNTERS, AMD64_NUM_COUNTERS_CORE = 4, 6
+KVM_ENABLE_PMU_PARAM = "/sys/module/kvm/parameters/enable_pmu"
 
 
 CpuidLookup = Callable[[int, int], "tuple[int, int, int, int]"]
@@ -115,6 +145,19 @@ _GP: _Result = (g.GHCB_HV_RESP_ISSUE_EXCEPTION, g.GP_EVENT, VmgexitAction.RESUME
 _UD: _Result = (g.GHCB_HV_RESP_ISSUE_EXCEPTION, g.UD_EVENT, VmgexitAction.RESUME)
 
 
+# CPUID 0 EBX, ECX, EDX of the vendors whose KVM module is kvm_amd: "AuthenticAMD", "HygonGenuine"
+_AMD_LIKE_VENDORS = frozenset({(0x6874_7541, 0x444D_4163, 0x6974_6E65), (0x6F67_7948, 0x656E_6975, 0x6E65_476E)})
+
+
+def _kvm_pmu_enabled() -> bool:
+    """kvm.ko's enable_pmu; kernels before 5.17 have no such parameter and always offer the vPMU."""
+    try:
+        with open(KVM_ENABLE_PMU_PARAM) as f:
+            return f.read().strip().upper() in ("Y", "1")
+    except OSError:
+        return True
+
+
 def _violation(reason: str) -> VmStop:
     return VmStop("ghcb-violation", reason, ExitCode.GUEST_CRASH)
 
@@ -131,15 +174,19 @@ class VmgexitService:
 
     def __init__(self, memory: GuestMemory, port_bus: PortBus, mmio_bus: MmioBus, cpuid_lookup: CpuidLookup,
                  c_bit: int = 0, vcpu_count: int = 1, ghcb_version: int = g.GHCB_VERSION_DEFAULT,
-                 hv_features: int = 0, vcpu_cpuid_lookup: Callable[[int, int, int], tuple] | None = None) -> None:
+                 hv_features: int = 0, kvm_cpuid: Callable[[int, int, int], tuple] | None = None,
+                 pmu_enabled: bool | None = None) -> None:
         if not g.GHCB_VERSION_MIN <= ghcb_version <= g.GHCB_VERSION_MAX:
             raise ValueError(f"GHCB version {ghcb_version} outside {g.GHCB_VERSION_MIN}..{g.GHCB_VERSION_MAX}")
         self.memory = memory
         self.port_bus = port_bus
         self.mmio_bus = mmio_bus
-        self.cpuid_lookup = cpuid_lookup
-        # (vcpu index, function, index) -> regs: what that vCPU's own table holds (APIC IDs), as KVM answers it
-        self.vcpu_cpuid_lookup = vcpu_cpuid_lookup
+        self.cpuid_lookup = cpuid_lookup  # (function, index) -> the table's entry (component sizes, features)
+        # (vcpu index, function, index) -> (regs, leaf answered from): kvm_cpuid() over that vCPU's own table
+        # (vmmd.machine.cpuid.CpuidTable.kvm_cpuid); without it the table entry is answered as it is
+        self.kvm_cpuid = kvm_cpuid
+        # KVM's enable_pmu (kvm.ko parameter; pmu.c kvm_pmu_refresh() leaves version 0 without it); None: read it
+        self.pmu_enabled = _kvm_pmu_enabled() if pmu_enabled is None else pmu_enabled
         self.c_bit = c_bit
         self.ghcb_version = ghcb_version
         self.hv_features = hv_features  # KVM answers SNP|AP_CREATION even to SEV-ES guests; we answer the truth (0)
@@ -153,11 +200,15 @@ class VmgexitService:
         self._hold: list[int | None] = [None] * vcpu_count  # AP reset hold: GHCB GPA (NAE) or -1 (MSR protocol)
         self._pages: list[tuple[int, g.GhcbPage] | None] = [None] * vcpu_count  # last GHCB page per vCPU
         self._xsave_sizes: dict[tuple[int, bool], int] = {}
+        # per vCPU (each runs on its own thread): the serviced event's SW_SCRATCH and CPL as sync_from_ghcb took
+        # them, and the scratch bounce buffer to write back after it
+        self._event: list[tuple[int, int]] = [(0, 0)] * vcpu_count
+        self._bounce: list[tuple[int, np.ndarray] | None] = [None] * vcpu_count
         self._handlers: dict[int, tuple[Callable[..., _Result], int]] = {
             g.SVM_EXIT_READ_DR7: (self._nop, 0),
             g.SVM_EXIT_WRITE_DR7: (self._nop, _V_RAX),
             g.SVM_EXIT_RDTSC: (self._rdtsc, 0),
-            g.SVM_EXIT_RDPMC: (lambda *a: _GP, _V_RCX),
+            g.SVM_EXIT_RDPMC: (self._rdpmc, _V_RCX),
             g.SVM_EXIT_CPUID: (self._cpuid, _V_RAX | _V_RCX),
             g.SVM_EXIT_INVD: (self._nop, 0),
             g.SVM_EXIT_IOIO: (self._ioio, 0),
@@ -274,9 +325,19 @@ class VmgexitService:
         return any(s.read_only and s.gpa <= gpa < s.end_gpa for s in self.memory.slots)
 
     def _nae(self, i: int, vcpu: MsrAccess | None, gpa: int) -> VmgexitAction:
+        """sev_handle_vmgexit() on a mapped GHCB, with its writes to the page in KVM's order (the guest can see the
+        order when a scratch area outside the GHCB page overlaps it):
+
+        1. sev_es_sync_from_ghcb(): snapshot the inputs, clear the valid bitmap;
+        2. sev_es_validate_vmgexit(): an error sets SW_EXITINFO1/2 (valid) and skips to 5;
+        3. svm_vmgexit_success(svm, 0): SW_EXITINFO1 = SW_EXITINFO2 = 0, marked valid;
+        4. the handler; a scratch area outside the GHCB page is read into a bounce buffer first
+           (setup_vmgexit_scratch(): kvm_read_guest()) and the handler sets its SW_EXITINFO1/2;
+        5. sev_es_unmap_ghcb(): the bounce buffer is written back (kvm_write_guest()) when the event wrote it,
+           then sev_es_sync_to_ghcb() sets RAX, RBX, RCX, RDX and their valid bits.
+        """
         page = self._page(i, gpa)
         q = page.q
-        # sev_es_sync_from_ghcb(): snapshot inputs, then clear the valid bitmap
         bitmap = q[_Q_BITMAP] | q[_Q_BITMAP + 1] << 64
         q[_Q_BITMAP] = 0
         q[_Q_BITMAP + 1] = 0
@@ -285,11 +346,13 @@ class VmgexitService:
         info2 = q[_Q_INFO_2]
         regs = [q[_Q_RAX] if bitmap & _V_RAX else 0, q[_Q_RBX] if bitmap & _V_RBX else 0,
                 q[_Q_RCX] if bitmap & _V_RCX else 0, q[_Q_RDX] if bitmap & _V_RDX else 0]
+        scratch_gpa = q[_Q_SCRATCH] if bitmap & _V_SCRATCH else 0
+        cpl = int(page.u8[g.CPL]) if bitmap & _V_CPL else 0
         if bitmap & _V_XCR0:
             self._xcr0[i] = q[_Q_XCR0]
         if bitmap & _V_XSS:
             self._xss[i] = q[_Q_XSS]
-        # sev_es_validate_vmgexit()
+        self._bounce[i] = None
         if q[_Q_USAGE] >> 32:
             result = _INVALID_USAGE
         elif bitmap & _V_EXIT != _V_EXIT:
@@ -301,27 +364,69 @@ class VmgexitService:
             elif bitmap & entry[1] != entry[1]:
                 result = _MISSING
             else:
+                # svm_vmgexit_success(svm, 0); the bitmap was just cleared, so assigning is setting the two bits
+                q[_Q_INFO_1] = 0
+                q[_Q_INFO_2] = 0
+                q[_Q_BITMAP] = _V_INFO_LO
+                q[_Q_BITMAP + 1] = _V_INFO_HI
+                self._event[i] = (scratch_gpa, cpl)
                 result = entry[0](i, vcpu, page, gpa, bitmap, info1, info2, regs)
         if result[0]:
             self.last_error[i] = (exit_code, result[1])
-        # svm_vmgexit_*() + sev_es_sync_to_ghcb(): SW_EXITINFO1/2 and RAX, RBX, RCX, RDX, all marked valid
         q[_Q_INFO_1] = result[0]
         q[_Q_INFO_2] = result[1]
         q[_Q_RAX] = regs[0]
         q[_Q_RBX] = regs[1]
         q[_Q_RCX] = regs[2]
         q[_Q_RDX] = regs[3]
-        q[_Q_BITMAP] = _V_OUT_LO
-        q[_Q_BITMAP + 1] = _V_OUT_HI
+        bounce = self._bounce[i]
+        if bounce is None:  # nothing but the event wrote the bitmap: exactly SW_EXITINFO1/2 and the GPRs are valid
+            q[_Q_BITMAP] = _V_OUT_LO
+            q[_Q_BITMAP + 1] = _V_OUT_HI
+            return result[2]
+        # sev_es_unmap_ghcb(): kvm_write_guest() of the scratch area after the event's SW_EXITINFO1/2, before
+        # sev_es_sync_to_ghcb() sets the GPRs and ORs in their valid bits
+        self._bounce[i] = None
+        q[_Q_BITMAP] |= _V_INFO_LO
+        q[_Q_BITMAP + 1] |= _V_INFO_HI
+        self._write_span(bounce[0], bounce[1])
+        q[_Q_RAX] = regs[0]
+        q[_Q_RBX] = regs[1]
+        q[_Q_RCX] = regs[2]
+        q[_Q_RDX] = regs[3]
+        q[_Q_BITMAP] |= _V_GPR_LO
+        q[_Q_BITMAP + 1] |= _V_GPR_HI
         return result[2]
 
-    def _scratch(self, page: g.GhcbPage, gpa: int, bitmap: int, length: int, sync: bool) -> np.ndarray | None:
-        """setup_vmgexit_scratch(): the scratch area as a uint8 view, or None for GHCB_ERR_INVALID_SCRATCH_AREA.
+    def _span(self, gpa: int, length: int) -> list[np.ndarray] | None:
+        """Views of [gpa, gpa+length) across memory slots that follow each other without a gap, as kvm_read_guest()
+        and kvm_write_guest() walk guest pages slot by slot; None when any byte is outside every slot."""
+        views = []
+        pos, end = gpa, gpa + length
+        while pos < end:
+            slot = next((s for s in self.memory.slots if s.gpa <= pos < s.end_gpa), None)
+            if slot is None:
+                return None
+            size = min(end, slot.end_gpa) - pos
+            views.append(self.memory.view(pos, size))
+            pos += size
+        return views
 
-        Inside the GHCB page it must lie wholly in the shared buffer. Outside, it may be at most 16 pages
-        and must be in guest RAM: where kvm_read_guest() fails KVM_RUN returns EFAULT, so the VM stops.
+    def _write_span(self, gpa: int, data: np.ndarray) -> None:
+        offset = 0
+        for view in self._span(gpa, len(data)) or ():
+            view[:] = data[offset:offset + len(view)]
+            offset += len(view)
+
+    def _scratch(self, i: int, page: g.GhcbPage, gpa: int, length: int, sync: bool) -> np.ndarray | None:
+        """setup_vmgexit_scratch(): the scratch area as a uint8 array, or None for GHCB_ERR_INVALID_SCRATCH_AREA.
+
+        Inside the GHCB page it must lie wholly in the shared buffer and is used in place. Outside, it may be at
+        most 16 pages; it is copied into a bounce buffer (kvm_read_guest(): across adjacent memory slots, never
+        outside them; where it fails KVM_RUN returns EFAULT, so the VM stops), and written back after the event
+        when `sync` (the event wrote it), as sev_es_unmap_ghcb() does.
         """
-        begin = page.q[_Q_SCRATCH] if bitmap & _V_SCRATCH else 0
+        begin = self._event[i][0]
         if not begin:
             return None
         end = begin + length
@@ -336,14 +441,16 @@ class VmgexitService:
             return None
         if not length:
             return np.empty(0, np.uint8)
-        try:
-            view = self.memory.view(begin, length)
-        except GuestMemoryError:
+        views = self._span(begin, length)
+        if views is None:
             raise _violation(f"scratch area {begin:#x}+{length:#x} is outside guest RAM "
-                             "(KVM: kvm_read_guest() fails, KVM_RUN returns EFAULT)") from None
-        if sync and self._read_only(begin):
+                             "(KVM: kvm_read_guest() fails, KVM_RUN returns EFAULT)")
+        if sync and any(self._read_only(begin + off) for off in _piece_starts(views)):
             raise _violation(f"scratch area {begin:#x}+{length:#x} to be written is in a read-only slot")
-        return view
+        bounce = views[0].copy() if len(views) == 1 else np.concatenate(views)
+        if sync:
+            self._bounce[i] = (begin, bounce)
+        return bounce
 
     def _nop(self, *args: object) -> _Result:
         return _OK
@@ -361,11 +468,11 @@ class VmgexitService:
 
     def _cpuid_values(self, i: int, function: int, index: int) -> list[int]:
         """kvm_cpuid() over the KVM_SET_CPUID2 table, with leaf 0xD EBX sized for the guest's XCR0 (and XSS)."""
-        if self.vcpu_cpuid_lookup is not None:
-            eax, ebx, ecx, edx = self.vcpu_cpuid_lookup(i, function, index)
+        if self.kvm_cpuid is not None:
+            (eax, ebx, ecx, edx), leaf = self.kvm_cpuid(i, function, index)
         else:
-            eax, ebx, ecx, edx = self.cpuid_lookup(function, index)
-        if function == 0xD and index <= 1 and (eax | ebx | ecx | edx):
+            (eax, ebx, ecx, edx), leaf = self.cpuid_lookup(function, index), function
+        if leaf == 0xD and index <= 1 and (eax | ebx | ecx | edx):  # also after an out-of-range redirect to 0xD
             if index == 0:  # kvm_update_cpuid_runtime(): xstate_required_size(xcr0, false)
                 ebx = self._xsave_size(self._xcr0[i], False)
             elif eax & (CPUID_D1_EAX_XSAVEC | CPUID_D1_EAX_XSAVES):
@@ -423,7 +530,7 @@ class VmgexitService:
             raise _violation(f"vCPU {i}: string I/O count {count:#x} x {size} overflows "
                              "(KVM: sev_es_string_io() returns -EINVAL, KVM_RUN fails)")
         nbytes = count * size
-        buffer = self._scratch(page, gpa, bitmap, nbytes, is_in)
+        buffer = self._scratch(i, page, gpa, nbytes, is_in)
         if buffer is None:
             return _INVALID_SCRATCH
         if is_in:
@@ -457,6 +564,65 @@ class VmgexitService:
             regs[3] = (value >> 32) & M32
         return _OK
 
+    def _rdpmc(self, i: int, vcpu: MsrAccess | None, page: g.GhcbPage, gpa: int, bitmap: int, info1: int,
+               info2: int, regs: list[int]) -> _Result:
+        """x86.c kvm_emulate_rdpmc(): the counter into EDX:EAX, or #GP that KVM injects itself (kvm_inject_gp(),
+        SW_EXITINFO1 stays 0). vmmd injects it the same way, with KVM_SET_VCPU_EVENTS; only without a vCPU
+        (unit tests of other events) is it answered through the GHCB instead."""
+        counter = self._pmc(regs[2] & M32)
+        if counter is not None and vcpu is not None and self._rdpmc_allowed(i, vcpu):
+            value = vcpu.get_msr(counter[0])  # host-initiated read: pmc_read_counter()
+            if value is not None:
+                value &= counter[1]
+                regs[0] = value & M32  # kvm_rax_write(vcpu, (u32)data)
+                regs[3] = value >> 32
+                return _OK
+        inject = getattr(vcpu, "inject_exception", None)
+        if inject is None:
+            return _GP
+        inject(X86_TRAP_GP, 0)
+        return _OK
+
+    def _rdpmc_allowed(self, i: int, vcpu: MsrAccess) -> bool:
+        """kvm_pmu_rdpmc(): refused when CR4.PCE is clear, CPL > 0 (the GHCB's CPL, as sev_es_sync_from_ghcb()
+        puts it in the VMCB) and CR0.PE is set."""
+        sregs = vcpu.get_sregs()
+        return bool(sregs.cr4 & X86_CR4_PCE or not self._event[i][1] or not sregs.cr0 & X86_CR0_PE)
+
+    def _pmc(self, ecx: int) -> tuple[int, int] | None:
+        """(counter MSR, value mask) of the PMC that RDPMC's ECX names, or None where KVM finds none
+        (amd_rdpmc_ecx_to_pmc() / intel_rdpmc_ecx_to_pmc() over the vPMU kvm_pmu_refresh() built from the guest's
+        CPUID). The host's vendor picks the rules, as KVM's kvm_amd / kvm_intel module does."""
+        if not self.pmu_enabled:
+            return None
+        vendor = self.cpuid_lookup(0, 0)[1:]
+        if vendor in _AMD_LIKE_VENDORS:
+            if self.cpuid_lookup(0x8000_0022, 0)[0] & 1:  # PERFMON_V2: 0x80000022 EBX[3:0] counters
+                count = min(self.cpuid_lookup(0x8000_0022, 0)[1] & 0xF, AMD64_NUM_COUNTERS_CORE)
+            elif self.cpuid_lookup(0x8000_0001, 0)[2] & (1 << 23):  # PERFCTR_CORE
+                count = AMD64_NUM_COUNTERS_CORE
+            else:
+                count = AMD64_NUM_COUNTERS
+            if ecx >= count:  # amd_pmu_get_pmc(): the whole ECX is the index
+                return None
+            core = count > AMD64_NUM_COUNTERS or bool(self.cpuid_lookup(0x8000_0001, 0)[2] & (1 << 23))
+            return (MSR_F15H_PERF_CTR + 2 * ecx if core else MSR_K7_PERFCTR0 + ecx), M64
+        eax, _, _, edx = self.cpuid_lookup(0xA, 0)
+        version = eax & 0xFF
+        if not version:
+            return None
+        kind, index = ecx & 0xFFFF_0000, ecx & 0xFFFF
+        if kind == 0:
+            count, width, base = (eax >> 8) & 0xFF, (eax >> 16) & 0xFF, MSR_IA32_PERFCTR0
+        elif kind == INTEL_RDPMC_FIXED:
+            count = edx & 0x1F if version > 1 else 0
+            width, base = (edx >> 5) & 0xFF, MSR_CORE_PERF_FIXED_CTR0
+        else:
+            return None
+        if index >= count:
+            return None
+        return base + index, (1 << width) - 1
+
     def _has_rdtscp_or_rdpid(self) -> bool:
         """The guest's CPUID: RDTSCP (0x80000001 EDX[27]) or RDPID (7.0 ECX[22])."""
         return bool(self.cpuid_lookup(0x8000_0001, 0)[3] & (1 << 27) or self.cpuid_lookup(7, 0)[2] & (1 << 22))
@@ -464,7 +630,7 @@ class VmgexitService:
     def _vmmcall(self, i: int, vcpu: object, page: g.GhcbPage, gpa: int, bitmap: int, info1: int, info2: int,
                  regs: list[int]) -> _Result:
         """kvm_emulate_hypercall() with no PV features: CPL > 0 -> -KVM_EPERM, VAPIC_POLL_IRQ -> 0, else -KVM_ENOSYS."""
-        if page.u8[g.CPL]:
+        if self._event[i][1]:  # the CPL sev_es_sync_from_ghcb() took (0 when not valid)
             regs[0] = -KVM_EPERM & M64
         elif regs[0] == KVM_HC_VAPIC_POLL_IRQ:
             regs[0] = 0
@@ -474,7 +640,7 @@ class VmgexitService:
 
     def _mmio_read(self, i: int, vcpu: object, page: g.GhcbPage, gpa: int, bitmap: int, info1: int, info2: int,
                    regs: list[int]) -> _Result:
-        buffer = self._scratch(page, gpa, bitmap, info2, True)
+        buffer = self._scratch(i, page, gpa, info2, True)
         if buffer is None:
             return _INVALID_SCRATCH
         read = self.mmio_bus.read
@@ -487,7 +653,7 @@ class VmgexitService:
 
     def _mmio_write(self, i: int, vcpu: object, page: g.GhcbPage, gpa: int, bitmap: int, info1: int, info2: int,
                     regs: list[int]) -> _Result:
-        buffer = self._scratch(page, gpa, bitmap, info2, False)
+        buffer = self._scratch(i, page, gpa, info2, False)
         if buffer is None:
             return _INVALID_SCRATCH
         data = buffer.tobytes()

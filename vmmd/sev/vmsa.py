@@ -5,8 +5,9 @@ Owns:
   (kernel field names, offsets checked against its BUILD_BUG_RESERVED_OFFSET list;
   AMD APM vol. 2 table B-4), and `sev_es_vmsa_page`, the 4 KiB page that
   LAUNCH_UPDATE_VMSA encrypts and measures (the save area, then zeros).
-- `VcpuState`: the register state vmmd programs into a vCPU (KVM_SET_REGS/SREGS/
-  XCRS/MSRS/FPU) before LAUNCH_UPDATE_VMSA, in VMCB form.
+- `VcpuState`: the register state vmmd programs into a vCPU before LAUNCH_UPDATE_VMSA, in
+  VMCB form; `program_vcpu()` issues KVM_SET_SREGS/REGS/XCRS/XSAVE/MSRS/DEBUGREGS for every
+  field (`PROGRAMMED_BY`), `check_programmable()` refuses values KVM would not carry over.
 - `build_vmsa()`: the page the kernel derives from that state, following
   arch/x86/kvm/svm/sev.c sev_es_sync_vmsa() and the svm.c setters it relies on.
 - `x86_reset_state()`: the x86 power-on state as QEMU (target/i386/cpu.c
@@ -337,6 +338,100 @@ def fill_kvm_fpu(state: VcpuState, fpu: Any) -> Any:
     return fpu
 
 
+# The VcpuState fields KVM takes from MSRs into the VMSA (arch/x86/kvm/svm/svm.c svm_set_msr() writes them to
+# vmcb01.save, which sev_es_sync_vmsa() copies; MSR_IA32_XSS goes to vcpu->arch.ia32_xss, synced explicitly).
+# Indices: arch/x86/include/asm/msr-index.h.
+VMSA_MSR_FIELDS: dict[str, int] = {
+    "g_pat": 0x0000_0277,  # MSR_IA32_CR_PAT (kvm_set_msr_common() refuses invalid memory types)
+    "star": 0xC000_0081,  # MSR_STAR
+    "lstar": 0xC000_0082,  # MSR_LSTAR
+    "cstar": 0xC000_0083,  # MSR_CSTAR
+    "sfmask": 0xC000_0084,  # MSR_SYSCALL_MASK
+    "kernel_gs_base": 0xC000_0102,  # MSR_KERNEL_GS_BASE
+    "sysenter_cs": 0x0000_0174,  # MSR_IA32_SYSENTER_CS
+    "sysenter_esp": 0x0000_0175,  # MSR_IA32_SYSENTER_ESP (the VMCB keeps the low 32 bits)
+    "sysenter_eip": 0x0000_0176,  # MSR_IA32_SYSENTER_EIP (the VMCB keeps the low 32 bits)
+    "xss": 0x0000_0DA0,  # MSR_IA32_XSS (only bits in kvm_caps.supported_xss)
+}
+# How every VcpuState field reaches KVM before LAUNCH_UPDATE_VMSA (program_vcpu()); a field not listed here
+# (or refused by check_programmable()) would be measured as modelled but run as KVM's default.
+PROGRAMMED_BY: dict[str, str] = {
+    **{name: "KVM_SET_REGS" for name in (*GPR_NAMES, "rip", "rflags")},
+    **{name: "KVM_SET_SREGS" for name in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr", "gdtr", "idtr",
+                                          "cr0", "cr2", "cr3", "cr4", "efer")},
+    **{name: "KVM_SET_MSRS" for name in VMSA_MSR_FIELDS},
+    "xcr0": "KVM_SET_XCRS", "dr6": "KVM_SET_DEBUGREGS", "dr7": "KVM_SET_DEBUGREGS",
+    "fpu": "KVM_SET_XSAVE", "pkru": "refused unless 0 (KVM's reset value)",
+}
+
+
+def check_programmable(state: VcpuState) -> None:
+    """ValueError when `state` holds a value KVM would not carry into the VMSA as given, so the prediction and
+    the launched vCPU could differ (arch/x86/kvm/svm/sev.c sev_es_sync_vmsa(), svm.c, regs.c)."""
+    if state.cr2:
+        raise ValueError(f"CR2 {state.cr2:#x}: KVM writes CR2 into the VMCB only at VMRUN (svm.c svm_vcpu_run()), "
+                         "so the measured VMSA always holds CR2 = 0; launch with CR2 = 0")
+    if state.pkru:
+        raise ValueError(f"PKRU {state.pkru:#x}: vmmd programs PKRU only as KVM's reset value 0 (it travels in the "
+                         "XSAVE PKRU component, which vmmd does not write)")
+    for name in ("sysenter_esp", "sysenter_eip"):
+        value = getattr(state, name)
+        if value >> 32:
+            raise ValueError(f"{name.upper()} {value:#x}: svm_set_msr() keeps only its low 32 bits in the VMCB")
+    for name in ("dr6", "dr7"):
+        value = getattr(state, name)
+        if value >> 32:
+            raise ValueError(f"{name.upper()} {value:#x}: bits 63:32 are reserved (regs.c kvm_{name}_valid())")
+    if state.dr7 & ~DR7_FIXED_1:
+        # sev_es_sync_vmsa(): "Check some debug related fields before encrypting the VMSA"
+        raise ValueError(f"DR7 {state.dr7:#x} has breakpoints enabled: KVM refuses to encrypt such a VMSA")
+    if not state.xcr0 & XFEATURE_MASK_FP:
+        raise ValueError(f"XCR0 {state.xcr0:#x} lacks x87 (bit 0): KVM_SET_XCRS refuses it (x86.c __kvm_set_xcr())")
+
+
+def program_vcpu(vcpu: Any, state: VcpuState) -> None:
+    """Program every VcpuState field into a KVM vCPU (before LAUNCH_UPDATE_VMSA), so the VMSA KVM builds equals
+    build_vmsa(state): KVM_SET_SREGS, KVM_SET_REGS, KVM_SET_XCRS, KVM_SET_XSAVE, KVM_SET_MSRS, KVM_SET_DEBUGREGS
+    (PROGRAMMED_BY). Call after KVM_SET_CPUID2: XCR0 and XSS are checked against the guest's CPUID."""
+    from vmmd.errors import VmmdError
+    from vmmd.kvm import uapi as kvm_uapi
+
+    check_programmable(state)
+    vcpu.set_sregs(fill_kvm_sregs(state, vcpu.get_sregs()))
+    vcpu.set_regs(fill_kvm_regs(state, kvm_uapi.kvm_regs()))
+    vcpu.set_xcr0(state.xcr0)
+    xsave_area = vcpu.get_xsave()
+    fill_xsave(state, memoryview(xsave_area).cast("B"))
+    vcpu.set_xsave(xsave_area)
+    # XSS 0 is KVM's reset value (vcpu->arch.ia32_xss) and the only one possible where KVM supports no XSS bits;
+    # such a KVM refuses the MSR altogether, even host-initiated writes of 0 (it does not advertise it).
+    fields = [(name, index) for name, index in VMSA_MSR_FIELDS.items() if name != "xss" or state.xss]
+    msrs = {index: getattr(state, name) for name, index in fields}
+    accepted = vcpu.set_msrs(msrs)
+    if accepted != len(msrs):
+        name, index = fields[accepted]
+        raise VmmdError(f"KVM_SET_MSRS refused {name} (MSR {index:#x}) = {msrs[index]:#x} on vCPU {vcpu.index}")
+    vcpu.set_debugregs(state.dr6, state.dr7)
+
+
+def read_vcpu_state(vcpu: Any) -> VcpuState:
+    """The VcpuState a (not yet protected) KVM vCPU holds, read back through the ioctls program_vcpu() writes
+    with (PKRU, which it only refuses, is left at 0)."""
+    from vmmd.errors import VmmdError
+
+    dbg = vcpu.get_debugregs()
+    indices = [index for name, index in VMSA_MSR_FIELDS.items() if name != "xss"]
+    msrs = vcpu.get_msrs(indices)
+    if len(msrs) != len(indices):
+        raise VmmdError(f"KVM_GET_MSRS returned {len(msrs)} of the {len(indices)} VMSA MSRs")
+    xss = VMSA_MSR_FIELDS["xss"]
+    msrs[xss] = vcpu.get_msr(xss) or 0  # None: a KVM without XSS support, where it can only be 0
+    fpu = FpuState.from_xsave(memoryview(vcpu.get_xsave()).cast("B"))
+    state = VcpuState.from_kvm(vcpu.get_regs(), vcpu.get_sregs(), xcr0=vcpu.get_xcr0(), dr6=dbg.dr6, dr7=dbg.dr7,
+                               fpu=fpu)
+    return dataclasses.replace(state, **{name: msrs[index] for name, index in VMSA_MSR_FIELDS.items()})
+
+
 def x86_reset_state(cpu_sig: int, *, cs_base: int = 0xFFFF0000, rip: int = 0xFFF0) -> VcpuState:
     """The power-on/INIT state QEMU gives KVM (target/i386/cpu.c x86_cpu_reset()), RDX = CPUID 1 EAX.
 
@@ -372,9 +467,7 @@ def build_vmsa(state: VcpuState, *, vmsa_features: int, init2: bool, host_cr4_mc
     default; `cd_nw_cleared`), svm_set_cr4() ORs the host's CR4.MCE (`host_cr4_mce`),
     svm_set_segment() puts SS.DPL in cpl.
     """
-    if state.dr7 & ~DR7_FIXED_1 & 0xFFFF_FFFF_FFFF_FFFF:
-        # sev_es_sync_vmsa(): "Check some debug related fields before encrypting the VMSA"
-        raise ValueError(f"DR7 {state.dr7:#x} has breakpoints enabled: KVM refuses to encrypt such a VMSA")
+    check_programmable(state)
     if not init2 and vmsa_features & ~SVM_SEV_FEAT_DEBUG_SWAP:
         raise ValueError("legacy KVM_SEV_ES_INIT yields sev_features 0, or DebugSwap on Linux 6.5-6.9 with kvm_amd "
                          "debug_swap=1 (Documentation/virt/kvm/x86/amd-memory-encryption.rst); other VMSA features "
@@ -388,15 +481,15 @@ def build_vmsa(state: VcpuState, *, vmsa_features: int, init2: bool, host_cr4_mc
     s.cpl = state.ss.dpl
     s.efer = state.efer | EFER_SVME
     s.cr0 = state.cr0 & ~(X86_CR0_CD | X86_CR0_NW) if cd_nw_cleared else state.cr0
-    s.cr2 = state.cr2
+    s.cr2 = 0  # svm.c writes vmcb->save.cr2 only at VMRUN; check_programmable() refuses any other value
     s.cr3 = state.cr3
     s.cr4 = state.cr4 | (X86_CR4_MCE if host_cr4_mce else 0)
     s.dr7 = state.dr7
     s.rflags = state.rflags
     s.g_pat = state.g_pat
-    for name in ("star", "lstar", "cstar", "sfmask", "kernel_gs_base", "sysenter_cs", "sysenter_esp",
-                 "sysenter_eip"):
-        setattr(s, name, getattr(state, name))
+    for name in VMSA_MSR_FIELDS:
+        if name not in ("g_pat", "xss"):
+            setattr(s, name, getattr(state, name))
     for name in GPR_NAMES:
         setattr(s, name, getattr(state, name))
     s.rip = state.rip
