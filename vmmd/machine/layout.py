@@ -39,6 +39,8 @@ MMIO_TESTDEV_SIZE = 0x1000
 VIRTIO_NET_MMIO_GPA = 0xFEB0_1000  # virtio-mmio register page of the virtio-net device (when --net is given)
 VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_NET_IRQ = 5  # ISA IRQ line used when an in-kernel irqchip exists
+VIRTIO_BLK_MMIO_GPA = 0xFEB0_2000  # disk n's virtio-mmio register page: VIRTIO_BLK_MMIO_GPA + n * VIRTIO_MMIO_SIZE
+VIRTIO_BLK_IRQS = (6, 7, 10, 11)  # disk n's ISA IRQ line (vmmd.block.image.MAX_DISKS disks at most)
 
 # ACPI sleep control/status registers (hardware-reduced ACPI) of Linux guests: vmmd/machine/acpi.py describes
 # them in the FADT, vmmd/devices/acpi_sleep.py answers them; SLP_TYP 5 (\_S5) is power off.
