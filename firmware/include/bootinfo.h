@@ -38,6 +38,7 @@
  * Where ranges overlap, the later entry is the more specific one and wins. */
 
 #define VMMD_MAX_MEM_RANGES 16
+#define VMMD_MAX_DISKS      4 /* virtio_blk_gpa entries */
 
 struct vmmd_mem_range {
 	uint64_t gpa;
@@ -65,6 +66,9 @@ struct vmmd_bootinfo {
 	uint64_t guest_arg;        /* `vmctl run --guest-arg N`: a number for test and benchmark guests */
 	uint64_t mmio_testdev_gpa; /* vmmd-testdev MMIO scratch page (reads return what was written) */
 	uint64_t virtio_net_gpa;   /* virtio-mmio (v2) register page of the virtio-net device, 0 = none */
+	uint32_t virtio_blk_count; /* disks (`vmctl run --disk`, [[disk]]), in the order given */
+	uint32_t reserved1;
+	uint64_t virtio_blk_gpa[VMMD_MAX_DISKS]; /* virtio-mmio (v2) register page of disk n, 0 past the count */
 };
 
 #endif /* VMMD_BOOTINFO_H */

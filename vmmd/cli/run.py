@@ -37,6 +37,9 @@ from vmmd.errors import ExitCode, VmmdError
 @click.option("--net", type=str, default=None, metavar="tap[:BRIDGE][,OPTION...]",
               help="attach a virtio-net device backed by a new tap, optionally enslaved to BRIDGE; options: "
                    "mac=, mtu=, ifname=, create-bridge, vnet-hdr, host-ip=A.B.C.D/N (docs/networking.md)")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,cache=none|writeback][,serial=ID]",
+              help="attach a virtio-blk disk backed by the existing raw image PATH (repeatable, up to 4; never "
+                   "created or resized; docs/disks.md)")
 @click.option("--stdin-console", is_flag=True,
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--name", "-n", default=None,
@@ -111,10 +114,13 @@ def _run(o: SimpleNamespace) -> None:
     quiet = o.quiet
     out = None
     try:
+        from vmmd.block.image import parse_disk_spec
+
+        disks = tuple(parse_disk_spec(text) for text in o.disks)
         config = MachineConfig(firmware=o.firmware, memory_bytes=parse_size(o.memory), cpus=o.cpus,
                                platform=o.platform, timeout=o.timeout, guest_arg=arg, name=name,
                                firmware_type=o.firmware_type, net=o.net, kernel=o.kernel, initrd=o.initrd,
-                               append=o.append).validate()
+                               append=o.append, disks=disks).validate()
         chosen, note = select_platform(o.platform)
         _apply_cpu_type(chosen, o.cpu_type)
         if o.console_path is not None:
@@ -132,6 +138,9 @@ def _run(o: SimpleNamespace) -> None:
             if machine.network is not None:
                 click.echo(f"vmctl: guest {name}: virtio-net on tap {machine.network.tap_name}, guest MAC "
                            f"{machine.network.guest_mac}", err=True)
+            for disk in machine.disks.disks if machine.disks is not None else ():
+                click.echo(f"vmctl: guest {name}: virtio-blk at {disk.gpa:#x}: {disk.image.spec.describe()}, "
+                           f"{disk.image.size >> 20} MiB", err=True)
             launch = getattr(chosen, "launch_result", None)
             if launch is None and getattr(machine, "launch_note", None):
                 click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)

@@ -20,6 +20,7 @@ VMMD_MEM_RAM = 1
 VMMD_MEM_RESERVED = 2
 VMMD_MEM_SHARED = 3
 VMMD_MAX_MEM_RANGES = 16
+VMMD_MAX_DISKS = 4
 
 PLATFORM_CODES = {"plain": VMMD_PLATFORM_PLAIN, "sev-es": VMMD_PLATFORM_SEV_ES,
                   "sev-es-emu": VMMD_PLATFORM_SEV_ES_EMU}
@@ -34,7 +35,8 @@ class vmmd_bootinfo(ctypes.Structure):
                 ("console_port", u16), ("debug_exit_port", u16), ("doorbell_port", u16), ("reserved0", u16),
                 ("ghcb_gpa", u64), ("shared_gpa", u64), ("shared_size", u64), ("c_bit", u32),
                 ("mem_range_count", u32), ("mem_ranges", vmmd_mem_range * VMMD_MAX_MEM_RANGES),
-                ("guest_arg", u64), ("mmio_testdev_gpa", u64), ("virtio_net_gpa", u64)]
+                ("guest_arg", u64), ("mmio_testdev_gpa", u64), ("virtio_net_gpa", u64),
+                ("virtio_blk_count", u32), ("reserved1", u32), ("virtio_blk_gpa", u64 * VMMD_MAX_DISKS)]
 
 
 LAYOUT_HEADERS = ["bootinfo.h"]

@@ -55,6 +55,7 @@ class MachineConfig:
     kernel: str | PathLike | None = None  # direct Linux boot (vmmd.machine.linux): bzImage or ELF vmlinux
     initrd: str | PathLike | None = None
     append: str | None = None  # the kernel command line; None: vmmd.machine.linux.DEFAULT_APPEND
+    disks: tuple = ()  # vmmd.block.image.DiskSpec each: a virtio-blk device per image (vmmd.block)
 
     def validate(self) -> MachineConfig:
         if (self.firmware is None) == (self.kernel is None):
@@ -73,6 +74,10 @@ class MachineConfig:
         if not 1 <= self.cpus <= L.MAX_VCPUS:
             raise VmmdError(f"cpus must be 1..{L.MAX_VCPUS}, got {self.cpus}")
         check_seconds(self.timeout, "timeout")
+        if self.disks:
+            from vmmd.block.image import check_disk_count
+
+            check_disk_count(list(self.disks))
         if not 0 <= self.guest_arg < 1 << 64:
             raise VmmdError(f"guest_arg must fit 64 bits unsigned, got {self.guest_arg}")
         return self

@@ -274,14 +274,18 @@ def write_gdt(memory: GuestMemory) -> None:
 
 
 def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_port: int, c_bit: int,
-                   guest_arg: int, virtio_net_gpa: int = 0, area: VcpuArea | None = None) -> None:
+                   guest_arg: int, virtio_net_gpa: int = 0, area: VcpuArea | None = None,
+                   virtio_blk_gpas: tuple[int, ...] = ()) -> None:
     area = area or VcpuArea.for_image(cpu_count, 0)
     info = bi.vmmd_bootinfo(magic=bi.VMMD_BOOTINFO_MAGIC, version=bi.VMMD_BOOTINFO_VERSION,
                             size=ctypes.sizeof(bi.vmmd_bootinfo), platform=bi.PLATFORM_CODES[platform],
                             cpu_count=cpu_count, console_port=L.CONSOLE_PORT, debug_exit_port=L.DEBUG_EXIT_PORT,
                             doorbell_port=doorbell_port, ghcb_gpa=area.ghcb_gpa, shared_gpa=L.SHARED_GPA,
                             shared_size=L.SHARED_SIZE, c_bit=c_bit, guest_arg=guest_arg & (2**64 - 1),
-                            mmio_testdev_gpa=L.MMIO_TESTDEV_GPA, virtio_net_gpa=virtio_net_gpa)
+                            mmio_testdev_gpa=L.MMIO_TESTDEV_GPA, virtio_net_gpa=virtio_net_gpa,
+                            virtio_blk_count=len(virtio_blk_gpas))
+    for i, gpa in enumerate(virtio_blk_gpas):
+        info.virtio_blk_gpa[i] = gpa
     ranges = [(0, L.FIRMWARE_LOAD_GPA, bi.VMMD_MEM_RESERVED)]
     for gpa, size in memory.ranges():
         start = max(gpa, L.FIRMWARE_LOAD_GPA)
@@ -299,7 +303,8 @@ def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_
 
 def load_flat_firmware(memory: GuestMemory, path: str | os.PathLike, platform: str, cpu_count: int,
                        doorbell_port: int = 0,
-                       c_bit: int = 0, guest_arg: int = 0, virtio_net_gpa: int = 0) -> tuple[LoadedImage, int]:
+                       c_bit: int = 0, guest_arg: int = 0, virtio_net_gpa: int = 0,
+                       virtio_blk_gpas: tuple[int, ...] = ()) -> tuple[LoadedImage, int]:
     """Write image + VMM structures into guest RAM; returns (image, cr3)."""
     if not 1 <= cpu_count <= L.MAX_VCPUS:
         raise VmmdError(f"vcpus must be 1..{L.MAX_VCPUS}, got {cpu_count}")
@@ -309,7 +314,8 @@ def load_flat_firmware(memory: GuestMemory, path: str | os.PathLike, platform: s
         raise VmmdError(f"{cpu_count} vCPUs need {area.size >> 10} KiB for their GHCB pages and stacks after the "
                         f"image, up to {area.base + area.size:#x}: give the guest more memory (--memory)")
     memory.write(L.FIRMWARE_LOAD_GPA, data)
-    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg, virtio_net_gpa, area)
+    write_bootinfo(memory, platform, cpu_count, doorbell_port, c_bit, guest_arg, virtio_net_gpa, area,
+                   virtio_blk_gpas)
     write_gdt(memory)
     shared = [area.ghcb_range(cpu_count), (L.SHARED_GPA, L.SHARED_SIZE)]
     small = [(area.base + i * (2 << 20), area.pt_gpa + i * PAGE_SIZE) for i in range(area.pt_count)]

@@ -49,7 +49,13 @@ def virtio_devices(cfg: MachineConfig):
     devices = []
     if cfg.net:
         devices.append(MmioDevice(L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE, L.VIRTIO_NET_IRQ))
+    devices += [MmioDevice(gpa, L.VIRTIO_MMIO_SIZE, irq) for gpa, irq in zip(disk_gpas(cfg), L.VIRTIO_BLK_IRQS)]
     return devices
+
+
+def disk_gpas(cfg: MachineConfig) -> tuple[int, ...]:
+    """The register pages of the machine's disks, in the order given (vmmd.block.attach.disk_mmio_gpa)."""
+    return tuple(L.VIRTIO_BLK_MMIO_GPA + i * L.VIRTIO_MMIO_SIZE for i in range(len(cfg.disks)))
 
 
 def virtio_kernel_args(cfg: MachineConfig) -> list[str]:
@@ -105,6 +111,7 @@ class Machine:
         self.mmio_bus.insert(TestDev(), L.MMIO_TESTDEV_GPA, L.MMIO_TESTDEV_SIZE)
         self.cpuid: CpuidTable | None = None
         self.network = None  # vmmd.net handle with close(), when config.net is set
+        self.disks = None  # vmmd.block.attach.DisksHandle, when config.disks is set
         self.launch_note: str | None = None  # why the platform reports no launch digest, where it cannot
         self.ctx = ExitContext(self.port_bus, self.mmio_bus)
         self.stop_listeners: list = []  # called once when the VM starts stopping (see _notify_stopping)
@@ -139,7 +146,8 @@ class Machine:
             else:
                 image, cr3 = load_flat_firmware(self.memory, cfg.firmware, self.platform.name, cfg.cpus,
                                                 self.platform.doorbell_port, self.platform.c_bit, cfg.guest_arg,
-                                                L.VIRTIO_NET_MMIO_GPA if cfg.net else 0)
+                                                L.VIRTIO_NET_MMIO_GPA if cfg.net else 0,
+                                                virtio_blk_gpas=disk_gpas(cfg))
             self.image = image
             self.cr3 = cr3
             self.vm = self.platform.create_vm(self)
@@ -157,6 +165,10 @@ class Machine:
                 from vmmd.net.attach import attach_network  # only guests with a network pay for pyroute2
 
                 self.network = attach_network(self, cfg.net)
+            if cfg.disks:
+                from vmmd.block.attach import attach_disks
+
+                self.disks = attach_disks(self, list(cfg.disks))
             self.platform.attach(self, self.ctx)
             self.platform.launch(self)
         except BaseException:
@@ -292,6 +304,9 @@ class Machine:
         if self.network is not None:
             self.network.close()
             self.network = None
+        if self.disks is not None:
+            self.disks.close()
+            self.disks = None
         self.platform.release(self)
         if self.vm is not None:
             self.vm.close()
