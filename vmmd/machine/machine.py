@@ -49,7 +49,7 @@ def virtio_devices(cfg: MachineConfig):
     devices = []
     if cfg.net:
         devices.append(MmioDevice(L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE, L.VIRTIO_NET_IRQ))
-    devices += [MmioDevice(gpa, L.VIRTIO_MMIO_SIZE, irq) for gpa, irq in zip(disk_gpas(cfg), L.VIRTIO_BLK_IRQS)]
+    devices += [MmioDevice(gpa, L.VIRTIO_MMIO_SIZE, L.VIRTIO_BLK_IRQS[i]) for i, gpa in enumerate(disk_gpas(cfg))]
     return devices
 
 
