@@ -7,8 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # gcc/binutils/make build firmware/ and the layout probes; linux-libc-dev holds the
 # kernel headers the layout test compares against; ovmf feeds the measurement
-# interop test; python3-venv makes the .venv on Debian.
-APT_PACKAGES := gcc binutils make libc6-dev linux-libc-dev ovmf python3-venv
+# interop test; python3-venv makes the .venv on Debian; qemu-utils (qemu-io) proves the image locks against QEMU's.
+APT_PACKAGES := gcc binutils make libc6-dev linux-libc-dev ovmf python3-venv qemu-utils
 BENCH_APT_PACKAGES := qemu-system-x86
 TIMEOUT ?= 60
 # Wait (up to 10 minutes) for another apt/dpkg to release its lock instead of failing at once: fresh cloud

@@ -4,6 +4,7 @@ not whole sectors), which must leave the VMM running with DEVICE_NEEDS_RESET and
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -94,6 +95,19 @@ def blk(memory, image):
     dev = Blk(memory, image)
     yield dev
     dev.close()
+
+
+def test_config_layout_is_the_kernels():
+    """struct virtio_blk_config up to the secure-erase fields (include/uapi/linux/virtio_blk.h, packed)."""
+    c = B.virtio_blk_config
+    offsets = {name: getattr(c, name).offset for name, *_ in c._fields_}
+    assert offsets == {"capacity": 0, "size_max": 8, "seg_max": 12, "geometry": 16, "blk_size": 20,
+                       "physical_block_exp": 24, "alignment_offset": 25, "min_io_size": 26, "opt_io_size": 28,
+                       "wce": 32, "unused": 33, "num_queues": 34, "max_discard_sectors": 36, "max_discard_seg": 40,
+                       "discard_sector_alignment": 44, "max_write_zeroes_sectors": 48, "max_write_zeroes_seg": 52,
+                       "write_zeroes_may_unmap": 56, "unused1": 57, "max_secure_erase_sectors": 60,
+                       "max_secure_erase_seg": 64, "secure_erase_sector_alignment": 68}
+    assert ctypes.sizeof(c) == 72
 
 
 def test_config_space_and_features(blk):

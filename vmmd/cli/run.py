@@ -140,7 +140,7 @@ def _run(o: SimpleNamespace) -> None:
                            f"{machine.network.guest_mac}", err=True)
             for disk in machine.disks.disks if machine.disks is not None else ():
                 click.echo(f"vmctl: guest {name}: virtio-blk at {disk.gpa:#x}: {disk.image.spec.describe()}, "
-                           f"{disk.image.size >> 20} MiB", err=True)
+                           f"{disk.image.size >> 10} KiB", err=True)
             launch = getattr(chosen, "launch_result", None)
             if launch is None and getattr(machine, "launch_note", None):
                 click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)

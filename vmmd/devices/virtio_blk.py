@@ -673,5 +673,8 @@ def _address(buf: memoryview) -> int:
 
 
 LAYOUT_HEADERS = ["linux/virtio_blk.h"]
-LAYOUT_STRUCTS = [virtio_blk_geometry, virtio_blk_config, virtio_blk_outhdr, virtio_blk_discard_write_zeroes]
+# virtio_blk_config is not compared as a whole: Linux 6.3 appended the zoned characteristics (24 bytes, offered
+# only with VIRTIO_BLK_F_ZONED, which vmmd does not offer), so its size differs between the two header sets the
+# layout test uses; its fields up to secure_erase_sector_alignment are checked by tests/unit/test_virtio_blk.py.
+LAYOUT_STRUCTS = [virtio_blk_geometry, virtio_blk_outhdr, virtio_blk_discard_write_zeroes]
 LAYOUT_CONSTANTS = [name for name in dir() if name.startswith("VIRTIO_BLK_") and name.isupper()]
