@@ -134,3 +134,33 @@ def test_every_net_option_is_a_network_key(tmp_path) -> None:
     with pytest.raises(DefinitionError) as err:
         load_file(path)
     assert "network.host_ip" in str(err.value) and "needs mode" in str(err.value)
+
+
+def test_disk_tables_take_the_run_options():
+    from vmmd.block.image import DiskSpec
+
+    d = parse(f'''
+firmware = "{FW}"
+[[disk]]
+path = "data.img"
+serial = "d0"
+[[disk]]
+path = "/srv/base.img"
+ro = true
+cache = "none"
+''')
+    assert d.disks == (DiskSpec("/etc/vmmd/vms/data.img", serial="d0"), DiskSpec("/srv/base.img", True, "none"))
+    assert d.machine_config().disks == d.disks
+    assert d.summary()["disks"][1] == {"path": "/srv/base.img", "ro": True, "cache": "none", "serial": ""}
+
+
+@pytest.mark.parametrize("tables, message", [
+    ('[[disk]]\nro = true', "disk[0]': a disk needs the path"),
+    ('[[disk]]\npath = "a.img"\ncache = "fast"', "disk[0]': cache='fast'"),
+    ('[[disk]]\npath = "a.img"\nsize = 5', "disk[0]': unknown option 'size'"),
+    ('disk = "a.img"', "key 'disk': must be tables"),
+    ("\n".join(['[[disk]]\npath = "a.img"'] * 5), "5 disks asked for; a guest has at most 4"),
+])
+def test_bad_disk_tables_are_named(tables, message):
+    with pytest.raises(DefinitionError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse(f'firmware = "{FW}"\n{tables}\n')

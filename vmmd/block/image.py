@@ -155,7 +155,7 @@ def open_image_fd(path: str, read_only: bool) -> int:
     return fd
 
 
-def _sentence(spec: DiskSpec, err: OSError) -> str:
+def open_error_sentence(spec: DiskSpec, err: OSError) -> str:
     what = f"disk {spec.path}"
     if err.errno == errno.ENOENT:
         return f"{what}: no such file: create the image first (e.g. truncate -s 64M {spec.path}); vmmd never " \
@@ -187,7 +187,7 @@ def open_disk(spec: DiskSpec) -> DiskImage:
                 os.close(fd)
                 raise OSError(errno.EACCES, "opened read-only", spec.path)
     except OSError as err:
-        raise VmmdError(_sentence(spec, err), ExitCode.HOST_ERROR) from None
+        raise VmmdError(open_error_sentence(spec, err), ExitCode.HOST_ERROR) from None
     try:
         st = os.fstat(fd)
         block_device = stat.S_ISBLK(st.st_mode)
@@ -207,7 +207,7 @@ def open_disk(spec: DiskSpec) -> DiskImage:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
             except OSError as err:
-                raise VmmdError(_sentence(spec, err)) from None
+                raise VmmdError(open_error_sentence(spec, err)) from None
         return DiskImage(spec, fd, size, direct, block_device)
     except BaseException:
         os.close(fd)

@@ -287,6 +287,10 @@ def show_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
              ("memory", _size(d["memory_bytes"])), ("vcpus", str(d["vcpus"])), ("platform", d["platform"]),
              ("timeout", f"{d['timeout']:g} s" if d["timeout"] else "none"),
              ("policy", f"{d['policy']:#x}" if d["policy"] is not None else "default")]
+    for i, disk in enumerate(d.get("disks") or []):
+        opts = ["ro" if disk["ro"] else "rw", f"cache={disk['cache']}"] + ([f"serial={disk['serial']}"]
+                                                                            if disk["serial"] else [])
+        lines.append((f"disk {i}", f"{disk['path']} ({', '.join(opts)})"))
     if guest.get("platform_note"):
         lines.append(("running on", guest["platform_note"]))
     if guest.get("launch_digest"):

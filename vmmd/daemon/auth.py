@@ -112,8 +112,34 @@ def open_for(path: str, peer: Peer | None) -> int:
         os.close(pinned)
 
 
-def _may_read(st: os.stat_result, resolved: str, peer: Peer) -> bool:
-    """Mode bits of the opened file `st` and search bits of each parent of `resolved`, for `peer`."""
+def open_image_for(path: str, peer: Peer | None, writable: bool) -> int:
+    """Open a disk image for `peer` (None: the daemon's own definitions) as open_for() opens firmware: pinned
+    with O_PATH, the pinned inode must be a regular file or block device the peer may read (and write, for a
+    writable disk), through directories it may search; then opened through /proc/self/fd, O_RDWR or O_RDONLY,
+    never created or truncated (vmmd.block.image.open_flags). AccessDenied; OSError."""
+    from vmmd.block.image import open_flags
+
+    pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(pinned)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, "is a directory", path)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise OSError(errno.EINVAL, "not a regular file or block device", path)
+        if peer is not None and not peer.is_root:
+            resolved = os.readlink(f"/proc/self/fd/{pinned}")
+            if not _may_read(st, resolved, peer) or (writable and not _may_read(st, resolved, peer, write=True)):
+                raise AccessDenied(f"{path} is not {'writable' if writable else 'readable'} by uid {peer.uid}")
+        fd = os.open(f"/proc/self/fd/{pinned}", open_flags(not writable))
+        os.set_blocking(fd, True)
+        return fd
+    finally:
+        os.close(pinned)
+
+
+def _may_read(st: os.stat_result, resolved: str, peer: Peer, write: bool = False) -> bool:
+    """Mode bits of the opened file `st` (read, or with `write` write) and search bits of each parent of
+    `resolved`, for `peer`."""
     groups = set(peer.groups) | {peer.gid}
 
     def allowed(entry: os.stat_result, bits: tuple[int, int, int]) -> bool:
@@ -135,4 +161,4 @@ def _may_read(st: os.stat_result, resolved: str, peer: Peer) -> bool:
             parent = os.path.dirname(parent)
     except OSError:
         return False
-    return allowed(st, (0o400, 0o040, 0o004))
+    return allowed(st, (0o200, 0o020, 0o002) if write else (0o400, 0o040, 0o004))

@@ -27,6 +27,12 @@ sent ad hoc by `vmctl start -f FILE`. Every error names the file, the key and wh
     host_ip = "10.0.2.2/24"       # the host side's address (on the tap, or on a bridge this guest creates)
     vnet_hdr = false              # open the tap with IFF_VNET_HDR
                                   # (the options of `vmctl run --net`, with "_" for "-")
+    [[disk]]                      # a virtio-blk disk, repeatable (up to 4; docs/disks.md)
+    path = "data.img"             # required: an existing raw image (relative to the TOML file); never created
+    ro = false                    # read-only: opened O_RDONLY, writes answer VIRTIO_BLK_S_IOERR
+    cache = "writeback"           # writeback | none (O_DIRECT)
+    serial = "data0"              # what the guest reads with VIRTIO_BLK_T_GET_ID (up to 20 bytes)
+                                  # (the options of `vmctl run --disk`, through the same parser)
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmmd.block.image import DiskSpec
 from vmmd.errors import VmmdError
 from vmmd.machine import layout as L
 from vmmd.machine.config import MachineConfig, check_seconds, parse_size
@@ -46,7 +53,7 @@ from vmmd.machine.platform import PLATFORM_NAMES
 from .protocol import NAME_RE
 
 TOP_KEYS = ("name", "firmware", "memory", "vcpus", "platform", "timeout", "guest_arg", "owner", "description",
-            "policy", "console", "network")
+            "policy", "console", "network", "disk")
 POLICY_KEYS = ("flags", "api_major", "api_minor")
 CONSOLE_KEYS = ("ring", "log")
 NETWORK_MODES = ("none", "tap")
@@ -75,19 +82,21 @@ class GuestDefinition:
     ring_bytes: int = DEFAULT_RING
     log_console: bool = True
     net: str | None = None
+    disks: tuple = ()  # vmmd.block.image.DiskSpec each, paths absolute
     text: str = field(default="", repr=False)  # the TOML text, kept to persist ad-hoc guests
 
     def machine_config(self) -> MachineConfig:
         return MachineConfig(firmware=self.firmware, memory_bytes=self.memory_bytes, cpus=self.cpus,
                              platform=self.platform, timeout=self.timeout, guest_arg=self.guest_arg, name=self.name,
-                             net=self.net)
+                             net=self.net, disks=self.disks)
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "firmware": str(self.firmware),
                 "memory_bytes": self.memory_bytes, "vcpus": self.cpus, "platform": self.platform,
                 "timeout": self.timeout, "guest_arg": self.guest_arg, "owner": self.owner,
                 "description": self.description, "policy": self.policy, "console_ring": self.ring_bytes,
-                "console_log": self.log_console, "net": self.net}
+                "console_log": self.log_console, "net": self.net,
+                "disks": [d.summary() for d in self.disks]}
 
 
 def _fail(source: str, key: str, message: str) -> DefinitionError:
@@ -197,6 +206,26 @@ def _network(source: str, network: Any) -> str | None:
     return net
 
 
+def _disks(source: str, tables: Any, base_dir: Path | None) -> tuple:
+    """The [[disk]] tables, through vmmd.block.image.disk_spec() (the validator `vmctl run --disk` uses)."""
+    from vmmd.block.image import disk_spec
+
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise _fail(source, "disk", "must be tables: [[disk]] path = \"IMAGE\", one per disk")
+    specs = []
+    for i, table in enumerate(tables):
+        where = f"{source}: key 'disk[{i}]'"
+        try:
+            spec = disk_spec(table, where)
+        except VmmdError as err:
+            raise DefinitionError(str(err)) from None
+        path = Path(spec.path)
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        specs.append(DiskSpec(str(path), spec.read_only, spec.cache, spec.serial))
+    return tuple(specs)
+
+
 def parse_definition(text: str, source: str, default_name: str | None = None, default_owner: int = 0,
                      base_dir: Path | None = None) -> GuestDefinition:
     """Validate one TOML definition. `source` names it in errors; relative firmware paths resolve
@@ -260,6 +289,7 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
             raise _fail(source, "console.log", "must be true or false")
         definition.log_console = console["log"]
     definition.net = _network(source, data.get("network", {}))
+    definition.disks = _disks(source, data.get("disk", []), base_dir)
     try:
         definition.machine_config().validate()
     except VmmdError as err:

@@ -24,7 +24,7 @@ from vmmd.errors import ExitCode, VmmdError
 from vmmd.machine.config import MAX_STOP_TIMEOUT_SECONDS, check_seconds
 
 from . import protocol as P
-from .auth import AccessDenied, Peer, Policy, open_for, peer_of
+from .auth import AccessDenied, Peer, Policy, open_for, open_image_for, peer_of
 from .definitions import DefinitionError, GuestDefinition, parse_definition
 from .protocol import ACTIVE
 from .registry import ConsoleRing, Guest, Registry
@@ -319,6 +319,7 @@ class Daemon:
             if guest.state in ACTIVE:
                 raise _RequestError("EBUSY", f"guest {guest.name!r} is already {guest.state} (pid {guest.pid})")
             firmware_fd = self._open_firmware(guest.definition, guest.adhoc, peer)
+            disk_fds = self._open_disks(guest.definition, guest.adhoc, peer, firmware_fd)
         else:
             parsed, existing = self._adhoc(request["definition"], peer)
             if existing is None and not peer.is_root:
@@ -327,6 +328,7 @@ class Daemon:
                     raise _RequestError("EDQUOT", f"uid {peer.uid} already has {owned} ad-hoc guests, the most one "
                                                   "user may keep: `vmctl remove` stopped ones first")
             firmware_fd = self._open_firmware(parsed, True, peer)  # refused: nothing was registered or replaced
+            disk_fds = self._open_disks(parsed, True, peer, firmware_fd)
             if existing is not None:
                 existing.definition = parsed
                 guest = existing
@@ -334,9 +336,32 @@ class Daemon:
                 guest = self.registry.guests[parsed.name] = Guest(parsed, adhoc=True,
                                                                   ring=ConsoleRing(parsed.ring_bytes))
         try:
-            return await self._start_worker(guest, peer, firmware_fd)
+            return await self._start_worker(guest, peer, firmware_fd, disk_fds)
         finally:
-            os.close(firmware_fd)
+            for fd in (firmware_fd, *disk_fds):
+                os.close(fd)
+
+    def _open_disks(self, definition: GuestDefinition, adhoc: bool, peer: Peer, firmware_fd: int) -> list[int]:
+        """The guest's disk images, opened here for the requesting peer (auth.open_image_for: the same pinned-fd
+        rule as firmware, plus write permission for a writable disk) and handed to the worker, which locks them.
+        On a refusal every fd opened so far, `firmware_fd` included, is closed."""
+        fds: list[int] = []
+        try:
+            for i, disk in enumerate(definition.disks):
+                where = f"{definition.source}: key 'disk[{i}]'"
+                try:
+                    fds.append(open_image_for(disk.path, peer if adhoc else None, not disk.read_only))
+                except AccessDenied as err:
+                    raise AccessDenied(f"{where}: {err}; vmmd opens images only as their caller could") from None
+                except OSError as err:
+                    from vmmd.block.image import open_error_sentence
+
+                    raise _RequestError("EINVAL", f"{where}: {open_error_sentence(disk, err)}") from None
+        except BaseException:
+            for fd in (firmware_fd, *fds):
+                os.close(fd)
+            raise
+        return fds
 
     def _open_firmware(self, definition: GuestDefinition, adhoc: bool, peer: Peer) -> int:
         """The guest's firmware, opened here and handed to the worker as an fd. An ad-hoc guest's firmware is
@@ -351,7 +376,7 @@ class Daemon:
         except OSError as err:  # a definition naming a firmware that cannot be loaded: vmctl's exit 3
             raise _RequestError("EINVAL", f"{where}: cannot open {definition.firmware}: {err.strerror}") from None
 
-    async def _start_worker(self, guest: Guest, peer: Peer, firmware_fd: int) -> Guest:
+    async def _start_worker(self, guest: Guest, peer: Peer, firmware_fd: int, disk_fds: list[int] = ()) -> Guest:
         guest.state, guest.error, guest.end, guest.result, guest.build_error = "starting", None, None, None, None
         guest.stop_mode = guest.stop_reason = None
         guest.channel_closed, guest.exit_status, guest.pid = False, None, None
@@ -376,7 +401,7 @@ class Daemon:
         self.loop.add_reader(worker.sock.fileno(), self._on_worker_readable, guest)
         spec = {**guest.definition.summary(), "policy": guest.definition.policy}
         try:
-            send_fd(worker.sock, MSG_GO + json.dumps(spec).encode(), firmware_fd)
+            send_fd(worker.sock, MSG_GO + json.dumps(spec).encode(), firmware_fd, *disk_fds)
         except OSError as err:
             self._fail(guest, f"worker {worker.pid} did not take the guest: {err}")
             raise _RequestError("EIO", guest.error) from None

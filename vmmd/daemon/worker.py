@@ -57,19 +57,30 @@ def _die_with_parent(expected_parent: int) -> None:
         os._exit(1)
 
 
-def send_fd(sock: socket.socket, payload: bytes, fd: int) -> None:
-    sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+MAX_FDS = 1 + 4  # the firmware and up to vmmd.block.image.MAX_DISKS disk images
 
 
-def recv_fd(sock: socket.socket) -> tuple[bytes, int | None]:
+def send_fd(sock: socket.socket, payload: bytes, fd: int, *more: int) -> None:
+    """One message with `fd` (and `more`) attached with SCM_RIGHTS, in that order."""
+    sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd, *more]))])
+
+
+def recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """A message and the descriptors that came with it (up to MAX_FDS), in the order they were sent."""
     fds = array.array("i")
-    data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(fds.itemsize))
-    fd = None
+    data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(MAX_FDS * fds.itemsize))
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
-            fd = fds[0]
-    return data, fd
+    return data, list(fds)
+
+
+def recv_fd(sock: socket.socket) -> tuple[bytes, int | None]:
+    """A message and its first descriptor (any others are closed)."""
+    data, fds = recv_fds(sock)
+    for extra in fds[1:]:
+        os.close(extra)
+    return data, fds[0] if fds else None
 
 
 # --- the worker (runs in the forked child) --------------------------------------------------------------------
@@ -122,25 +133,34 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
         _throwaway_run("sev-es-emu", run=True)
     while True:
         try:
-            message, firmware_fd = recv_fd(sock)
+            message, fds = recv_fds(sock)
         except InterruptedError:
             continue
         if not message:
             return 0  # the daemon let an idle worker go
         if message[:1] == MSG_GO:
             break
-        if firmware_fd is not None:
-            os.close(firmware_fd)
+        for fd in fds:
+            os.close(fd)
     t_go = time.monotonic()
     spec = json.loads(message[1:])
     name = spec["name"]
     # The daemon opened the firmware (for the requesting user: vmmd.daemon.auth.open_for) and sent the fd; the
     # path is only its name in messages. /proc/self/fd/N reopens that very file. Never open the path here: this
     # process is root and nobody checked the path for the requester.
-    if firmware_fd is None:
-        _send_json(sock, MSG_ERROR, {"message": "vmmd sent no firmware file descriptor with the guest (vmmd bug)",
+    # Disk images likewise: opened (and checked for the requester) by the daemon, one fd each after the firmware's,
+    # in the definition's order; the worker only locks and uses them (vmmd.block.image.open_disk with spec.fd).
+    disks_spec = spec.get("disks") or []
+    if not fds or len(fds) != 1 + len(disks_spec):
+        _send_json(sock, MSG_ERROR, {"message": f"vmmd sent {len(fds)} file descriptors with the guest, not "
+                                                f"{1 + len(disks_spec)} (vmmd bug)",
                                      "exit_code": int(ExitCode.VMM_ERROR)})
         return int(ExitCode.VMM_ERROR)
+    firmware_fd = fds[0]
+    from vmmd.block.image import DiskSpec
+
+    disks = tuple(DiskSpec(d["path"], d["ro"], d["cache"], d["serial"], fd=fd)
+                  for d, fd in zip(disks_spec, fds[1:], strict=True))
     firmware = f"/proc/self/fd/{firmware_fd}"
 
     def named(text: str) -> str:
@@ -153,7 +173,7 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     try:
         config = MachineConfig(firmware=firmware, memory_bytes=spec["memory_bytes"], cpus=spec["vcpus"],
                                platform=spec["platform"], timeout=spec["timeout"], guest_arg=spec["guest_arg"],
-                               name=name, net=spec["net"]).validate()
+                               name=name, net=spec["net"], disks=disks).validate()
         platform, note = select_platform(config.platform)
         policy_note = _apply_policy(platform, spec.get("policy"))
         machine = Machine(config, platform, _first_byte_flusher(console)).build()
