@@ -286,51 +286,54 @@ class VirtioBlk:
 
     def _take_fast(self, q: Virtqueue, heads: np.ndarray) -> _Batch | None:
         """Every chain header(16, readable) -> data (IN: writable, OUT: readable) -> status (writable, last),
-        in one DMA window: the whole batch is checked with numpy. None when the batch is not all like that."""
+        in one DMA window: the whole batch is checked with numpy. None when the batch is not all like that.
+
+        Written for few numpy calls (each costs microseconds whatever its size): what one batch of 256 requests
+        spends here is most of what the device adds to the host's own pread() per request."""
         windows = q.windows
         if len(windows.windows) != 1:
             return None
+        start, end, window, _mv = windows.windows[0]
+        n = len(heads)
         desc = q.desc
         d0 = desc[heads]
-        if (d0["flags"] != VIRTQ_DESC_F_NEXT).any() or (d0["len"] != 16).any():
+        if (d0["flags"] != VIRTQ_DESC_F_NEXT).any() or (d0["len"] != 16).any() or int(d0["next"].max()) > q.mask:
             return None
-        n1 = d0["next"].astype(np.int64)
-        if (n1 >= q.size).any():
-            return None
-        d1 = desc[n1]
+        d1 = desc[d0["next"]]
         f1 = d1["flags"]
-        if (f1 & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) != VIRTQ_DESC_F_NEXT).any():
+        if (f1 & np.uint16(0xFFFF ^ VIRTQ_DESC_F_WRITE) != VIRTQ_DESC_F_NEXT).any() or int(d1["next"].max()) > q.mask:
             return None
-        n2 = d1["next"].astype(np.int64)
-        if (n2 >= q.size).any():
+        d2 = desc[d1["next"]]
+        if (d2["flags"] != VIRTQ_DESC_F_WRITE).any() or not int(d2["len"].min()):
             return None
-        d2 = desc[n2]
-        if (d2["flags"] != VIRTQ_DESC_F_WRITE).any() or (d2["len"] == 0).any():
-            return None
-        _, hdr_off = windows.locate_many(d0["addr"], np.full(len(heads), 16, dtype=np.int64))
-        window = windows.windows[0][2]
-        hdrs = window[hdr_off[:, None] + np.arange(16, dtype=np.int64)].copy().view(OUTHDR).ravel()
-        types = hdrs["type"]
-        is_in = types == VIRTIO_BLK_T_IN
-        if not (is_in | (types == VIRTIO_BLK_T_OUT)).all():
-            return None
-        if ((f1 & VIRTQ_DESC_F_WRITE != 0) != is_in).any():
-            return None  # direction of the data buffer does not match the type: the slow path says why
         lengths = d1["len"].astype(np.int64)
-        if (lengths % SECTOR).any() or (lengths == 0).any() or (lengths > MAX_DATA_BYTES).any():
+        if (lengths & (SECTOR - 1)).any() or not int(lengths.min()) or int(lengths.max()) > MAX_DATA_BYTES:
             return None
-        _, data_off = windows.locate_many(d1["addr"], lengths)
-        status_len = d2["len"].astype(np.int64)
-        _, status_off = windows.locate_many(d2["addr"], status_len)
-        sectors = hdrs["sector"].astype(np.uint64)
-        offsets = (sectors * np.uint64(SECTOR)).astype(np.int64)
-        in_range = (sectors < np.uint64(self.size // SECTOR)) & (offsets >= 0) & \
-            (offsets + lengths <= self.size)
-        status = np.full(len(heads), VIRTIO_BLK_S_OK, dtype=np.uint8)
-        status[~in_range] = VIRTIO_BLK_S_IOERR
+        # all three buffers of every request inside the window (addresses are u64: compare before subtracting)
+        addrs = np.concatenate((d0["addr"], d1["addr"], d2["addr"]))
+        lens = np.concatenate((np.full(n, 16, dtype=np.uint64), lengths.astype(np.uint64),
+                               d2["len"].astype(np.uint64)))
+        if int(addrs.min()) < start or int(addrs.max()) > end or ((addrs - np.uint64(start)) >
+                                                                  np.uint64(end - start) - lens).any():
+            windows.locate_many(addrs, lens)  # raises VirtqueueError naming the first bad range
+        offs = (addrs - np.uint64(start)).astype(np.int64)
+        hdr_off, data_off, status_off = offs[:n], offs[n:2 * n], offs[2 * n:] + (lens[2 * n:].astype(np.int64) - 1)
+        if not (hdr_off & 7).any():  # headers 8-byte aligned, as drivers place them: two 64-bit gathers
+            words = window[:window.size & ~7].view("<u8")
+            types = words[hdr_off >> 3] & np.uint64(0xFFFF_FFFF)
+            sectors = words[(hdr_off >> 3) + 1]
+        else:
+            hdrs = window[hdr_off[:, None] + np.arange(16, dtype=np.int64)].view(OUTHDR).ravel()
+            types, sectors = hdrs["type"].astype(np.uint64), hdrs["sector"]
+        is_in = types == VIRTIO_BLK_T_IN
+        if int(types.max()) > VIRTIO_BLK_T_OUT or ((f1 & VIRTQ_DESC_F_WRITE != 0) != is_in).any():
+            return None  # other types, or a data buffer whose direction does not match: the slow path
+        offsets = (sectors << np.uint64(9)).astype(np.int64)
+        bad = (sectors >= np.uint64(self.size // SECTOR)) | (offsets + lengths > self.size)
         if self.read_only:
-            status[~is_in] = VIRTIO_BLK_S_IOERR
-        return _Batch(heads=heads, status_off=status_off + status_len - 1, status=status,
+            bad |= ~is_in
+        status = bad.astype(np.uint8)  # VIRTIO_BLK_S_IOERR (1) where bad, VIRTIO_BLK_S_OK (0) elsewhere
+        return _Batch(heads=heads, status_off=status_off, status=status,
                       written=np.where(is_in, lengths + 1, 1), fast=(is_in, data_off, lengths, offsets))
 
     def _take_slow(self, q: Virtqueue, heads: np.ndarray) -> _Batch:
@@ -431,42 +434,44 @@ class VirtioBlk:
         self.stats["ioerr"] += int((batch.status == VIRTIO_BLK_S_IOERR).sum())
 
     def _execute_fast(self, batch: _Batch) -> bool:
+        """The batch's reads and writes, one preadv()/pwrite() each straight into / out of guest memory, issued
+        by map() so no bytecode runs per request; True when it wrote."""
         is_in, data_off, lengths, offsets = batch.fast
-        ok = batch.status == VIRTIO_BLK_S_OK
         mv = self.transport.windows.windows[0][3]
-        reads = ok & is_in
-        writes = ok & ~is_in
-        if self.direct:
-            aligned = (data_off % DIRECT_ALIGN == 0) & (lengths % DIRECT_ALIGN == 0) & (offsets % DIRECT_ALIGN == 0)
-        else:
-            aligned = np.ones(len(lengths), dtype=bool)
-        for which, fn in ((reads, os.preadv), (writes, os.pwrite)):
-            fast = which & aligned
-            idx = np.flatnonzero(fast)
-            if len(idx):
-                starts = data_off[idx].tolist()
-                ends = (data_off[idx] + lengths[idx]).tolist()
-                bufs = map(mv.__getitem__, map(slice, starts, ends))
-                if fn is os.preadv:
-                    bufs = zip(bufs)  # preadv takes a sequence of buffers: 1-tuples, built without bytecode
-                try:
-                    done = np.fromiter(map(fn, repeat(self.fd), bufs, offsets[idx].tolist()), dtype=np.int64,
-                                       count=len(idx))
-                    short = idx[done != lengths[idx]]
-                except OSError:
-                    short = idx  # redo them one by one below, to find which failed and why
-                for i in short.tolist():
-                    batch.status[i] = self._rw(fn is os.preadv, mv[data_off[i]:data_off[i] + lengths[i]],
-                                               int(offsets[i]))
-            for i in np.flatnonzero(which & ~aligned).tolist():
+        todo = batch.status == VIRTIO_BLK_S_OK
+        if self.direct:  # O_DIRECT needs aligned buffers, offsets and lengths; the others are bounced
+            aligned = ((data_off | lengths | offsets) & (DIRECT_ALIGN - 1)) == 0
+            for i in np.flatnonzero(todo & ~aligned).tolist():
                 batch.status[i] = self._rw(bool(is_in[i]), mv[data_off[i]:data_off[i] + lengths[i]], int(offsets[i]))
-        nread = int(lengths[reads].sum())
-        nwritten = int(lengths[writes].sum())
-        self.stats["reads"] += int(reads.sum())
-        self.stats["writes"] += int(writes.sum())
-        self.stats["bytes_read"] += nread
-        self.stats["bytes_written"] += nwritten
-        return bool(writes.any())
+            todo &= aligned
+        reads = todo & is_in
+        n_reads = int(np.count_nonzero(reads))
+        n_todo = int(np.count_nonzero(todo))
+        wrote = n_reads != n_todo
+        for read, which, count in ((True, reads, n_reads), (False, todo & ~is_in, n_todo - n_reads)):
+            if not count:
+                continue
+            if count == len(which):
+                idx, starts, lens, offs = None, data_off, lengths, offsets
+            else:
+                idx = np.flatnonzero(which)
+                starts, lens, offs = data_off[idx], lengths[idx], offsets[idx]
+            bufs = map(mv.__getitem__, map(slice, starts.tolist(), (starts + lens).tolist()))
+            if read:
+                bufs = zip(bufs)  # preadv takes a sequence of buffers: 1-tuples, built without bytecode
+            try:
+                done = np.fromiter(map(os.preadv if read else os.pwrite, repeat(self.fd), bufs, offs.tolist()),
+                                   dtype=np.int64, count=count)
+                redo = np.flatnonzero(done != lens)
+            except OSError:
+                redo = np.arange(count)  # one by one below, to find which failed and why
+            for j in redo.tolist():
+                i = j if idx is None else int(idx[j])
+                batch.status[i] = self._rw(read, mv[data_off[i]:data_off[i] + lengths[i]], int(offsets[i]))
+            nbytes = int(lens.sum())
+            self.stats["reads" if read else "writes"] += count
+            self.stats["bytes_read" if read else "bytes_written"] += nbytes
+        return wrote
 
     def _rw(self, read: bool, buf: memoryview, offset: int) -> int:
         """One whole read into / write from `buf` at `offset`, looping over short transfers; a status."""
