@@ -346,3 +346,24 @@ def test_batch_of_many_requests(blk, memory, image):
     data = image.read_bytes()
     for slot in range(5):
         assert data[(64 + 8 * slot) * 512:][:4096] == bytes([slot + 1]) * 4096
+
+
+@pytest.mark.timeout(30)
+def test_adjacent_requests_are_merged_and_land_right(blk, memory, image):
+    """Five writes covering sectors 64..103 out of order, then five reads of them: one call per direction."""
+    order = [3, 0, 4, 1, 2]
+    for slot, k in enumerate(order):
+        memory.write(DATA + (128 << 10) * slot, bytes([k + 1]) * 4096)
+        blk.request(slot, B.VIRTIO_BLK_T_OUT, 64 + 8 * k, 4096)
+    blk.run(5)
+    assert blk.device.stats["merged_calls"] == 1
+    data = image.read_bytes()
+    assert data[64 * 512:104 * 512] == b"".join(bytes([k + 1]) * 4096 for k in range(5))
+    for slot, k in enumerate(order):
+        memory.write(DATA + (128 << 10) * slot, bytes(4096))
+        blk.request(slot, B.VIRTIO_BLK_T_IN, 64 + 8 * k, 4096)
+    blk.run(10)
+    assert blk.device.stats["merged_calls"] == 2
+    for slot, k in enumerate(order):
+        assert blk.status(slot) == B.VIRTIO_BLK_S_OK
+        assert blk.data(slot, 4096) == bytes([k + 1]) * 4096
