@@ -192,7 +192,7 @@ def test_measured_regions_ascend_without_overlap_and_cover_what_was_written(tmp_
     names = [name for _gpa, _len, name in regions]
     assert names[:6] == ["zero page (boot_params)", "GDT", "page tables", "command line", "MP table", "ACPI tables"]
     assert names[6].startswith("kernel ") and names[7].startswith("initrd ")
-    for (gpa, length, _n), (next_gpa, _l, _m) in zip(regions, regions[1:]):
+    for (gpa, length, _n), (next_gpa, _l, _m) in zip(regions, regions[1:], strict=False):
         assert gpa + length <= next_gpa
     assert all(gpa % 16 == 0 and length % 16 == 0 and length > 0 for gpa, length, _n in regions)
 
