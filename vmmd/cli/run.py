@@ -129,6 +129,8 @@ def _run(o: SimpleNamespace) -> None:
         machine.stop_listeners.append(console.release)
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
+            for line in machine.notes:
+                click.echo(f"vmctl: {line}", err=True)
             if machine.network is not None:
                 click.echo(f"vmctl: guest {name}: virtio-net on tap {machine.network.tap_name}, guest MAC "
                            f"{machine.network.guest_mac}", err=True)
