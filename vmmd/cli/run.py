@@ -195,7 +195,7 @@ def host(memory: str | None, as_json: bool) -> None:
     from vmmd.sev.host import format_host_report, host_report
 
     try:
-        report = host_report(parse_size(memory) if memory else None)
+        report = host_report(parse_size(memory) if memory else None, probe_guest_code=True)
     except VmmdError as err:
         _fail(str(err), err.exit_code)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_host_report(report))
