@@ -30,6 +30,18 @@ MILESTONES = [
 ]
 
 
+def guest_code_emulated() -> str | None:
+    """vmctl host's "guest code" verdict: None where this host runs guest kernel code natively, else why not."""
+    from vmmd.kvm import Kvm
+    from vmmd.kvm.probe import guest_code_emulated_reason
+
+    kvm = Kvm()
+    try:
+        return guest_code_emulated_reason(kvm)
+    finally:
+        kvm.close()
+
+
 def missing() -> str | None:
     """Why the Linux guest cannot be booted (None when it can)."""
     for path in (VMLINUZ, INITRAMFS):

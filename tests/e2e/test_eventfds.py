@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from vmmd.kvm import Kvm, exits, uapi
+from vmmd.kvm.probe import real_mode_vcpu
 from vmmd.memory import GuestMemory
 
 pytestmark = pytest.mark.timeout(30)
@@ -34,14 +35,7 @@ def vm():
 
 def _real_mode_vcpu(vm, memory, code: bytes):
     memory.write(CODE_GPA, code)
-    vcpu = vm.create_vcpu(0)
-    sregs = vcpu.get_sregs()
-    sregs.cs.base, sregs.cs.selector = 0, 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags = CODE_GPA, 0x2
-    vcpu.set_regs(regs)
-    return vcpu
+    return real_mode_vcpu(vm, CODE_GPA)
 
 
 def _run_with_deadline(vcpu, seconds: float = 10):

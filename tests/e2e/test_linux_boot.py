@@ -13,25 +13,16 @@ import re
 import pytest
 
 from tests.e2e.conftest import vmctl
-from tests.linux_guest import HOST_EMULATOR_APPEND, INITRAMFS, MILESTONES, VMLINUZ, missing
+from tests.linux_guest import HOST_EMULATOR_APPEND, INITRAMFS, MILESTONES, VMLINUZ, guest_code_emulated, missing
 from vmmd.errors import ExitCode
-from vmmd.kvm import Kvm
-from vmmd.kvm.probe import guest_code_emulated_reason
 from vmmd.machine import bootparam as bp
 
 MEMORY_MIB = 256
 CPUS = 2
 
 
-def _emulated() -> str | None:
-    kvm = Kvm()
-    try:
-        return guest_code_emulated_reason(kvm)
-    finally:
-        kvm.close()
 
-
-EMULATED = _emulated()  # vmctl host's "guest code" line: how far a kernel can get here
+EMULATED = guest_code_emulated()  # vmctl host's "guest code" line: how far a kernel can get here
 
 
 @pytest.mark.timeout(600)

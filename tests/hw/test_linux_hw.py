@@ -10,24 +10,15 @@ import re
 import pytest
 
 from tests.e2e.conftest import vmctl
-from tests.linux_guest import INITRAMFS, VMLINUZ, missing
-from vmmd.kvm import Kvm
-from vmmd.kvm.probe import guest_code_emulated_reason
+from tests.linux_guest import INITRAMFS, VMLINUZ, guest_code_emulated, missing
 from vmmd.sev.host import host_report
 
 MARKER = "vmmd-linux-guest: userspace reached"
 APPEND = "console=ttyS0 panic=-1"
 
 
-def _emulated_reason() -> str | None:
-    kvm = Kvm()
-    try:
-        return guest_code_emulated_reason(kvm)
-    finally:
-        kvm.close()
 
-
-_EMULATED = _emulated_reason()
+_EMULATED = guest_code_emulated()
 _REPORT = host_report(memory_bytes=512 << 20)
 
 

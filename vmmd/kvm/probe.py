@@ -18,6 +18,21 @@ PROBE_RBX = 0xFF  # popcnt: 8
 PROBE_MEMORY = 2 << 20
 
 
+def real_mode_vcpu(vm, rip: int, **registers: int):
+    """vCPU 0 of `vm` in real mode at 0:`rip` (CS base 0, other state KVM's reset state), interrupts off, with
+    `registers` (rbx=..., ...) set."""
+    vcpu = vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    sregs.cs.base, sregs.cs.selector = 0, 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rflags = rip, 0x2
+    for name, value in registers.items():
+        setattr(regs, name, value)
+    vcpu.set_regs(regs)
+    return vcpu
+
+
 def guest_code_emulated_reason(kvm) -> str | None:
     """None when this KVM runs guest kernel code natively; else a sentence saying what it cannot run."""
     from vmmd.memory import GuestMemory
@@ -29,13 +44,7 @@ def guest_code_emulated_reason(kvm) -> str | None:
         vm.set_tss_addr()
         vm.add_memory(memory)
         memory.write(PROBE_GPA, PROBE_CODE)
-        vcpu = vm.create_vcpu(0)
-        sregs = vcpu.get_sregs()
-        sregs.cs.base, sregs.cs.selector = 0, 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rbx, regs.rflags = PROBE_GPA, PROBE_RBX, 0x2
-        vcpu.set_regs(regs)
+        vcpu = real_mode_vcpu(vm, PROBE_GPA, rbx=PROBE_RBX)
         ex = vcpu.run()
         if isinstance(ex, exits.HltExit) and vcpu.get_regs().rax & 0xFFFF_FFFF == 8:
             return None

@@ -101,8 +101,9 @@ def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: LaunchInpu
         memory.close()
 
 
-LINUX_APS_REFUSED = ("an SEV-ES direct Linux boot has one vCPU: the kernel starts its APs through the AP jump table "
-                     "of the firmware that launched it (OVMF), and a direct boot has no firmware: boot it with one vCPU")
+LINUX_APS_REFUSED = ("an SEV-ES direct Linux boot has one vCPU: the kernel starts its APs through the AP jump "
+                     "table of the firmware that launched it (OVMF), and a direct boot has no firmware: boot it with "
+                     "one vCPU")
 
 
 def linux_entry_state(image, cr3: int) -> VcpuState:
