@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -35,10 +36,11 @@ from tests.linux_guest import HOST_EMULATOR_APPEND, INITRAMFS, MILESTONES, VMLIN
 MEMORY = "256M"
 CPUS = 2
 GIVE_UP_SECONDS = 480
+KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")  # printk's timestamp
 
 
 def timed_console(cmd: list[str], stop_on: str | None, limit: float) -> tuple[dict[str, float], str, float, int]:
-    """Run `cmd`, time-stamping each console line; returns (milestone -> seconds, last non-empty line, total
+    """Run `cmd`, time-stamping each console line; returns (milestone -> seconds, last kernel line, total
     seconds, exit status or -signal). Stops the process once `stop_on` appears in its output (QEMU's
     internal-error report), or after `limit` seconds."""
     start = time.monotonic()
@@ -65,7 +67,7 @@ def timed_console(cmd: list[str], stop_on: str | None, limit: float) -> tuple[di
             *lines, buffer = buffer.split(b"\n")
             for raw in lines:
                 line = raw.decode(errors="replace").rstrip("\r")
-                if line.strip():
+                if KERNEL_LINE.match(line):  # the kernel's own lines, not the VMMs' reports after them
                     last = line
                 for name, text in MILESTONES:
                     if name not in reached and text in line:
