@@ -177,3 +177,22 @@ def test_vmctl_measure_kernel_reads_like_the_rest(small_kernel) -> None:
     assert refused.returncode == 3 and "AP jump table" in refused.stderr and "Traceback" not in refused.stderr
     both = _vmctl("measure", str(kernel), "--kernel", str(kernel))
     assert both.returncode == 2 and "only one" in both.stderr
+
+
+def test_vmctl_verify_kernel_accepts_the_measurement_of_its_digest_and_refuses_another(small_kernel,
+                                                                                       tmp_path: Path) -> None:
+    from vmmd.sev import measure
+
+    kernel, initrd = small_kernel
+    tik = tmp_path / "tik.bin"
+    tik.write_bytes(bytes(range(16)))
+    digest, plan = linux_digest(_config(kernel, initrd, append=None), LaunchInputs())
+    mnonce = bytes(range(100, 116))
+    blob = measure.expected_measurement(digest, tik.read_bytes(), 1, 55, 21, plan.policy, mnonce) + mnonce
+    args = ["--kernel", str(kernel), "--initrd", str(initrd), "--tik", str(tik), "--api-version", "1.55",
+            "--build", "21"]
+    ok = _vmctl("verify", *args, "--measurement", blob.hex())
+    assert ok.returncode == 0 and ok.stdout.startswith("match: "), ok.stdout + ok.stderr
+    other = _vmctl("verify", *args, "--append", "console=ttyS0 single", "--measurement", blob.hex())
+    assert other.returncode == 1 and "MISMATCH" in other.stdout
+    assert "command line:  console=ttyS0 single" in other.stdout
