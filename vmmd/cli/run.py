@@ -37,6 +37,9 @@ from vmmd.errors import ExitCode, VmmdError
 @click.option("--net", type=str, default=None, metavar="tap[:BRIDGE][,OPTION...]",
               help="attach a virtio-net device backed by a new tap, optionally enslaved to BRIDGE; options: "
                    "mac=, mtu=, ifname=, create-bridge, vnet-hdr, host-ip=A.B.C.D/N (docs/networking.md)")
+@click.option("--eventfds", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="virtio queue notifies and interrupts through KVM_IOEVENTFD / KVM_IRQFD and a device thread "
+                   "where KVM has them (auto), or every notify through vmmd's exit path (off)")
 @click.option("--stdin-console", is_flag=True,
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--name", "-n", default=None,
@@ -114,7 +117,7 @@ def _run(o: SimpleNamespace) -> None:
         config = MachineConfig(firmware=o.firmware, memory_bytes=parse_size(o.memory), cpus=o.cpus,
                                platform=o.platform, timeout=o.timeout, guest_arg=arg, name=name,
                                firmware_type=o.firmware_type, net=o.net, kernel=o.kernel, initrd=o.initrd,
-                               append=o.append).validate()
+                               append=o.append, eventfds=o.eventfds == "auto").validate()
         chosen, note = select_platform(o.platform)
         _apply_cpu_type(chosen, o.cpu_type)
         if o.console_path is not None:
@@ -133,7 +136,7 @@ def _run(o: SimpleNamespace) -> None:
                 click.echo(f"vmctl: {line}", err=True)
             if machine.network is not None:
                 click.echo(f"vmctl: guest {name}: virtio-net on tap {machine.network.tap_name}, guest MAC "
-                           f"{machine.network.guest_mac}", err=True)
+                           f"{machine.network.guest_mac} ({machine.network.io_path})", err=True)
             launch = getattr(chosen, "launch_result", None)
             if launch is None and getattr(machine, "launch_note", None):
                 click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)

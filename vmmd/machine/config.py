@@ -55,6 +55,7 @@ class MachineConfig:
     kernel: str | PathLike | None = None  # direct Linux boot (vmmd.machine.linux): bzImage or ELF vmlinux
     initrd: str | PathLike | None = None
     append: str | None = None  # the kernel command line; None: vmmd.machine.linux.DEFAULT_APPEND
+    eventfds: bool = True  # virtio notify and interrupt through KVM_IOEVENTFD / KVM_IRQFD where KVM has them
 
     def validate(self) -> MachineConfig:
         if (self.firmware is None) == (self.kernel is None):
