@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # gcc/binutils/make build firmware/ and the layout probes; linux-libc-dev holds the
 # kernel headers the layout test compares against; ovmf feeds the measurement
 # interop test; python3-venv makes the .venv on Debian; qemu-utils (qemu-io) proves the image locks against QEMU's.
-APT_PACKAGES := gcc binutils make libc6-dev linux-libc-dev ovmf python3-venv qemu-utils
+APT_PACKAGES := gcc binutils make libc6-dev linux-libc-dev ovmf python3-venv acpica-tools qemu-utils
 BENCH_APT_PACKAGES := qemu-system-x86
 TIMEOUT ?= 60
 # Wait (up to 10 minutes) for another apt/dpkg to release its lock instead of failing at once: fresh cloud
@@ -24,14 +24,19 @@ APT_OPTS := -o DPkg::Lock::Timeout=600
 NEWER_UAPI_PACKAGE := linux-source-6.12
 NEWER_UAPI := .cache/linux-uapi-6.12
 
-.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean install uninstall uapi-headers
+# The Linux guest the Linux-boot test (tests/e2e/test_linux_boot.py), tests/hw and scripts/bench/linux_boot.py
+# boot: Debian's cloud kernel and a busybox initramfs (scripts/linux-guest/), fetched with apt-get download and
+# cached here, never committed. `make linux-guest` refreshes it when the cache is gone.
+LINUX_GUEST := .cache/linux
+
+.PHONY: all run test deps apt-deps bench-deps firmware lint bench clean install uninstall uapi-headers linux-guest
 
 all: deps firmware
 
 run: deps firmware
 	$(VENV)/bin/vmctl run firmware/build/demo.bin --platform auto --timeout $(TIMEOUT)
 
-test: deps firmware uapi-headers
+test: deps firmware uapi-headers linux-guest
 	$(VENV)/bin/ruff check vmmd tests scripts
 	VMMD_STRICT_SKIPS=1 $(PY) -m pytest -q tests
 
@@ -40,7 +45,7 @@ lint: deps
 
 # Every benchmark runs; each exits 1 when it missed a goal and 2 when it could not measure (scripts/bench/
 # common.py). The summary names them, and make bench fails if any did.
-bench: deps firmware bench-deps
+bench: deps firmware bench-deps linux-guest
 	@failed=""; for b in scripts/bench/*.py "scripts/bench/net.py --mixed"; do \
 	  case $$b in */common.py) continue;; esac; \
 	  echo "== $$b"; $(PY) $$b; rc=$$?; \
@@ -92,6 +97,14 @@ uninstall:
 	@echo "kept $(SYSCONFDIR)/vmmd (your definitions) and the group vmmd"
 
 uapi-headers: $(NEWER_UAPI)/include/linux/kvm.h
+
+linux-guest: $(LINUX_GUEST)/initramfs.gz
+
+$(LINUX_GUEST)/vmlinuz:
+	scripts/linux-guest/fetch-kernel.sh $(LINUX_GUEST)
+
+$(LINUX_GUEST)/initramfs.gz: $(LINUX_GUEST)/vmlinuz scripts/linux-guest/make_initramfs.py | deps
+	$(PY) scripts/linux-guest/make_initramfs.py $(LINUX_GUEST)/busybox $(LINUX_GUEST)/modules $@
 
 # apt-get download needs no root; an outdated package list (the candidate gone from the mirror) is refreshed
 # first when we are root. Only the parts `make headers` reads are unpacked from the source tarball.

@@ -212,3 +212,17 @@ def test_one_vcpu_limit_everywhere(tmp_path) -> None:
     assert ovmf.returncode == ExitCode.USAGE and "1<=x<=254" in ovmf.stderr
     for help_text in (vmctl("run", "--help").stdout, vmctl("measure", "--help").stdout):
         assert "254" in help_text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize(("method", "exit_code", "said"), [
+    (0, ExitCode.GUEST_REBOOT, "the guest rebooted (i8042 reset command, reboot=k)"),
+    (1, ExitCode.GUEST_REBOOT, "the guest rebooted (reset control register 0xCF9, reboot=p)"),
+    (2, ExitCode.SUCCESS, "guest ended (poweroff, exit code 0): the guest powered off (ACPI S5)"),
+])
+def test_guest_reset_and_poweroff_end_the_vm_cleanly(platform: str, method: int, exit_code: ExitCode,
+                                                     said: str) -> None:
+    r = vmctl("run", guest("reset"), "-p", platform, "--guest-arg", str(method), "-t", "30")
+    assert r.returncode == exit_code, r.stderr
+    assert said in r.stderr
+    assert "still running" not in r.stdout and "Traceback" not in r.stderr

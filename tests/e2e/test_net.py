@@ -70,12 +70,13 @@ class UdpResponder:
         self.thread.join(5)
 
 
-def run_in_netns(ns: str, platform: str, net: str, image: str = "net", timeout: float = 40):
+def run_in_netns(ns: str, platform: str, net: str, image: str = "net", timeout: float = 40,
+                 eventfds: str = "auto"):
     from pyroute2 import netns
 
     return subprocess.run([sys.executable, "-m", "vmmd.cli", "run", guest(image), "-p", platform, "-t", "30",
-                           "--net", net], preexec_fn=lambda: netns.setns(ns), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                           "--net", net, "--eventfds", eventfds], preexec_fn=lambda: netns.setns(ns),
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def links(ns: str) -> set[str]:
@@ -85,11 +86,11 @@ def links(ns: str) -> set[str]:
         return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
-def check_exchange(ns: str, platform: str, net: str) -> subprocess.CompletedProcess:
+def check_exchange(ns: str, platform: str, net: str, eventfds: str = "auto") -> subprocess.CompletedProcess:
     token = secrets.token_hex(4).encode()
     responder = UdpResponder(ns, b"reply " + token + b" to ")
     try:
-        proc = run_in_netns(ns, platform, net)
+        proc = run_in_netns(ns, platform, net, eventfds=eventfds)
     finally:
         responder.close()
     out = proc.stdout + proc.stderr
@@ -108,6 +109,15 @@ def test_plain_tap_with_host_address(netns_name):
     proc = check_exchange(netns_name, "plain", "tap,host-ip=10.0.2.2/24")
     assert "via MMIO" in proc.stdout and "(private RAM)" in proc.stdout
     assert not any(name.startswith("vmmd-") for name in links(netns_name)), "the tap outlived the guest"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("platform", ["plain", "sev-es-emu"])
+@pytest.mark.parametrize("eventfds", ["auto", "off"])
+def test_the_exchange_is_the_same_on_the_fast_path_and_the_exit_path(netns_name, platform: str, eventfds: str):
+    proc = check_exchange(netns_name, platform, "tap,host-ip=10.0.2.2/24", eventfds)
+    path = "notify ioeventfd, no irqfd, device thread" if eventfds == "auto" else "notify through the exit path"
+    assert f"({path})" in proc.stderr  # firmware guests poll: no irqchip, so no irqfd
 
 
 @pytest.mark.timeout(60)

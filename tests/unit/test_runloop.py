@@ -114,6 +114,15 @@ def test_stopping_exits_name_their_reason(ex, kind: str, code: ExitCode) -> None
     assert stop.value.kind == kind and stop.value.exit_code == code and stop.value.reason
 
 
+def test_a_linux_guests_triple_fault_is_a_reboot_not_a_crash() -> None:
+    ctx, _, _ = make_ctx()
+    ctx.shutdown_is_reboot = True  # Machine sets it for --kernel guests: reboot=t resets this way
+    with pytest.raises(VmStop) as stop:
+        handle_exit(exits.SHUTDOWN, FakeRunArea(), ctx)
+    assert stop.value.kind == "reboot" and stop.value.exit_code == ExitCode.GUEST_REBOOT
+    assert "reboot=t" in stop.value.reason
+
+
 def test_halt_of_one_vcpu_among_many_does_not_stop_the_vm() -> None:
     ctx, _, _ = make_ctx()
     ctx.halt_stops_vm = False

@@ -12,6 +12,7 @@ import logging
 
 from vmmd.block.image import DiskImage, DiskSpec, check_disk_count, open_disk
 from vmmd.devices.virtio_blk import VirtioBlk
+from vmmd.devices.virtio_fastpath import attach_fast_path
 from vmmd.devices.virtio_mmio import VirtioMmio
 from vmmd.devices.virtqueue import DmaWindows
 from vmmd.machine import layout as L
@@ -29,6 +30,17 @@ class Disk:
     def __init__(self, image: DiskImage, device: VirtioBlk, transport: VirtioMmio, gpa: int) -> None:
         self.image, self.device, self.transport, self.gpa = image, device, transport, gpa
 
+    @property
+    def io_path(self) -> str:
+        """How notifies and interrupts reach the device: its fast path, or the run loop's exit path."""
+        fast_path = self.transport.fast_path
+        return fast_path.describe() if fast_path is not None else "notify through the exit path"
+
+    def close_fast_path(self) -> None:
+        if self.transport.fast_path is not None:
+            self.transport.fast_path.close()
+            self.transport.fast_path = None
+
 
 class DisksHandle:
     """What attach_disks() made; close() undoes all of it and never raises."""
@@ -38,7 +50,9 @@ class DisksHandle:
 
     def close(self) -> None:
         for disk in self.disks:
-            for what, step in (("stop the I/O thread", disk.device.close), ("close the image", disk.image.close)):
+            for what, step in (("stop the notify thread", disk.close_fast_path), ("stop the I/O thread",
+                                                                                   disk.device.close),
+                               ("close the image", disk.image.close)):
                 try:
                     step()
                 except Exception as err:  # noqa: BLE001 - close must finish
@@ -57,6 +71,7 @@ def attach_disks(machine, specs: list[DiskSpec]) -> DisksHandle:
     try:
         for index, spec in enumerate(specs):
             image = open_disk(spec)
+            device = transport = None
             try:
                 windows = DmaWindows(machine.memory, [(L.SHARED_GPA, L.SHARED_SIZE)] if sev else None)
                 device = VirtioBlk(image.fd, image.size, name=f"virtio-blk {spec.path}", read_only=spec.read_only,
@@ -64,12 +79,17 @@ def attach_disks(machine, specs: list[DiskSpec]) -> DisksHandle:
                                    require_access_platform=sev)
                 transport = VirtioMmio(device, windows, irq=_irq_line(machine, L.VIRTIO_BLK_IRQS[index]))
                 machine.mmio_bus.insert(transport, disk_mmio_gpa(index), L.VIRTIO_MMIO_SIZE)
+                attach_fast_path(machine, transport, disk_mmio_gpa(index), L.VIRTIO_BLK_IRQS[index], device.name)
             except BaseException:
+                if transport is not None and transport.fast_path is not None:
+                    transport.fast_path.close()
+                if device is not None:
+                    device.close()
                 image.close()
                 raise
             handle.disks.append(Disk(image, device, transport, disk_mmio_gpa(index)))
-            log.info("guest %s: virtio-blk at %#x: %s, %d sectors", machine.config.name, disk_mmio_gpa(index),
-                     spec.describe(), image.sectors)
+            log.info("guest %s: virtio-blk at %#x: %s, %d sectors, %s", machine.config.name,
+                     disk_mmio_gpa(index), spec.describe(), image.sectors, handle.disks[-1].io_path)
     except BaseException:
         handle.close()
         raise

@@ -121,10 +121,11 @@ def _api_version(text: str) -> tuple[int, int]:
     return major, minor
 
 
-def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
-          vmsa_features: str, memory: str = "64M", c_bit: int = 51) -> tuple[LaunchPlan, Path]:
-    """The launch plan of an image, or of a guest definition: its firmware, memory, vCPUs, guest_arg and policy,
-    unless an option given on the command line says otherwise."""
+def _plan(config_or_firmware: Path | None, vcpus: int, cpu_type: str, policy: str, init2: bool,
+          vmsa_features: str, memory: str = "64M", c_bit: int = 51, kernel: Path | None = None,
+          initrd: Path | None = None, append: str | None = None, with_net: bool = False) -> tuple[LaunchPlan, Path]:
+    """The launch plan of an image, of a direct Linux boot (--kernel), or of a guest definition: its firmware,
+    memory, vCPUs, guest_arg and policy, unless an option given on the command line says otherwise."""
     from vmmd.machine import layout as L
     from vmmd.machine.config import parse_size
     from vmmd.machine.loader import RESET_VECTOR, firmware_kind, read_image_file
@@ -134,6 +135,13 @@ def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init
     policy_value = _int(policy, "--policy", 32)
     features = _int(vmsa_features, "--vmsa-features")
     memory_bytes, guest_arg = parse_size(memory), 0
+    if (config_or_firmware is None) == (kernel is None):
+        raise click.UsageError("give a firmware image, a guest definition (.toml) or --kernel, and only one")
+    if kernel is None and (initrd is not None or append is not None):
+        raise click.UsageError("--initrd and --append go with --kernel")
+    if kernel is not None:
+        return _linux_plan(kernel, initrd, append, memory_bytes, vcpus, with_net, policy_value, init2, features,
+                           c_bit), kernel
     definition = _definition(config_or_firmware)
     firmware = config_or_firmware
     if definition is not None:
@@ -164,9 +172,34 @@ def _plan(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init
     return plan, firmware
 
 
+def _linux_plan(kernel: Path, initrd: Path | None, append: str | None, memory_bytes: int, vcpus: int,
+                with_net: bool, policy: int, init2: bool, features: int, c_bit: int) -> LaunchPlan:
+    """A direct Linux boot laid out as `vmctl run --kernel` lays it out (docs/linux-boot.md)."""
+    from vmmd.machine.config import MachineConfig
+    from vmmd.sev.platform import LaunchInputs, linux_digest
+
+    config = MachineConfig(firmware=None, kernel=kernel, initrd=initrd, append=append, memory_bytes=memory_bytes,
+                           cpus=vcpus, net="tap" if with_net else None)
+    inputs = LaunchInputs(policy=policy, init2=init2, vmsa_features=features, c_bit=c_bit)
+    try:
+        return linux_digest(config, inputs)[1]
+    except ValueError as err:
+        raise VmmdError(str(err)) from None
+
+
+def _command_line(plan: LaunchPlan) -> str | None:
+    """The kernel command line a direct-boot plan measures (its "command line" region, NUL-terminated)."""
+    for region in plan.regions:
+        if region.name == "command line":
+            return bytes(region.data).split(b"\0", 1)[0].decode(errors="replace")
+    return None
+
+
 def _assumed(plan: LaunchPlan, firmware: Path, cpu_type: str) -> dict[str, Any]:
-    if not plan.cpu_sig:  # a flat image starts in 64-bit mode: no CPUID signature in its VMSAs
-        return {"firmware": str(firmware), "cpu_type": None, "cpu_family_model_stepping": None, **plan.describe()}
+    if not plan.cpu_sig:  # a flat image or kernel starts in 64-bit mode: no CPUID signature in its VMSAs
+        cmdline = _command_line(plan)
+        return {"firmware": str(firmware), "cpu_type": None, "cpu_family_model_stepping": None,
+                **({"cmdline": cmdline} if cmdline is not None else {}), **plan.describe()}
     family, model, stepping = decode_sig(plan.cpu_sig)
     return {"firmware": str(firmware), "cpu_type": cpu_type,
             "cpu_family_model_stepping": f"{family}/{model}/{stepping}", **plan.describe()}
@@ -187,6 +220,8 @@ def format_assumed(assumed: dict[str, Any]) -> list[str]:
         family, model, stepping = assumed["cpu_family_model_stepping"].split("/")
         lines.append(("CPU", f"{assumed['cpu_type']}: family {family}, model {model}, stepping {stepping} "
                              f"(CPUID 1 EAX {assumed['cpu_sig']}, in the VMSAs' RDX)"))
+    if "cmdline" in assumed:
+        lines.append(("command line", assumed["cmdline"]))
     lines += [("vCPUs", str(assumed["vcpus"])), ("policy", _policy_words(int(assumed["policy"], 16))),
               ("init", assumed["init"]), ("VMSA features", assumed["vmsa_features"])]
     if assumed.get("matches"):
@@ -195,7 +230,7 @@ def format_assumed(assumed: dict[str, Any]) -> list[str]:
                        ("mnonce", "mnonce")):
         if key in assumed:
             lines.append((label, str(assumed[key])))
-    out = [f"{label + ':':<15}{value}" for label, value in lines]
+    out = [f"{label + ':':<15}{value}" if len(label) < 14 else f"{label}: {value}" for label, value in lines]
     out.append("measured, in launch order:")
     out += [f"  {region['gpa']:>12}  {region['size']:>9} bytes  {region['name']}" for region in assumed["regions"]]
     out.append(f"  {'':>12}  {4096 * assumed['vcpus']:>9} bytes  {assumed['vcpus']} VMSA page(s), vCPU 0 first")
@@ -204,7 +239,14 @@ def format_assumed(assumed: dict[str, Any]) -> list[str]:
 
 def _plan_options(func: Any) -> Any:
     options = [
-        click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False)),  # image or .toml
+        click.argument("config_or_firmware", type=click.Path(path_type=Path, dir_okay=False), required=False),
+        click.option("--kernel", "-k", type=click.Path(path_type=Path, dir_okay=False),
+                     help="a direct Linux boot of this kernel, laid out as `vmctl run --kernel` (docs/linux-boot.md)"),
+        click.option("--initrd", type=click.Path(path_type=Path, dir_okay=False), help="with --kernel"),
+        click.option("--append", metavar="CMDLINE", help="with --kernel: the command line, as for vmctl run "
+                     "(default \"console=ttyS0\")"),
+        click.option("--with-net", is_flag=True, help="the guest has a virtio-net device (vmctl run --net): it "
+                     "appears in the measured boot info, or a kernel's ACPI tables and command line"),
         click.option("--vcpus", type=click.IntRange(1, MAX_VCPUS), default=1, show_default=True,
                      help=f"vCPUs, 1..{MAX_VCPUS} (vmmd's one limit, as vmctl run --cpus)"),
         click.option("--cpu-type", default=DEFAULT_CPU_TYPE, show_default=True,
@@ -218,9 +260,9 @@ def _plan_options(func: Any) -> Any:
                           "default) and on use KVM_SEV_ES_INIT, off uses KVM_SEV_INIT2"),
         click.option("--vmsa-features", default="0", show_default=True, help="VMSA sev_features (INIT2 only)"),
         click.option("--memory", default="64M", show_default=True,
-                     help="guest RAM, for vmmd flat images (OVMF images ignore it)"),
+                     help="guest RAM, for vmmd flat images and kernels (OVMF images ignore it)"),
         click.option("--c-bit", type=click.IntRange(32, 63), default=51, show_default=True,
-                     help="C-bit position of the target host, for vmmd flat images"),
+                     help="C-bit position of the target host, for vmmd flat images and kernels"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -249,7 +291,8 @@ def _fail(err: VmmdError) -> None:
 @click.option("--build", "build_id", type=click.IntRange(0, 255), help="SEV firmware build (with --tik)")
 @click.option("--mnonce", help="measurement nonce, 32 hex digits (with --tik)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
+def measure_cmd(config_or_firmware: Path | None, kernel: Path | None, initrd: Path | None, append: str | None,
+                with_net: bool, vcpus: int, cpu_type: str, policy: str, init2: bool,
                 qemu_legacy_vm_type: str | None, vmsa_features: str, memory: str, c_bit: int,
                 dump_vmsa: Path | None, tik: Path | None, api_version: str | None, build_id: int | None,
                 mnonce: str | None, as_json: bool) -> None:
@@ -263,7 +306,8 @@ def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str
     if any(v is not None for v in want_measure) and not all(v is not None for v in want_measure):
         raise click.UsageError("--tik, --api-version, --build and --mnonce go together")
     try:
-        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit)
+        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit,
+                               kernel, initrd, append, with_net)
         digest = launch_digest(plan)
         result: dict[str, Any] = {"digest": digest.hex(), "assumed": _assumed(plan, firmware, cpu_type)}
         if tik is not None:
@@ -300,13 +344,15 @@ def measure_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str
 @click.option("--api-version", required=True, help="SEV firmware API version MAJ.MIN")
 @click.option("--build", "build_id", type=click.IntRange(0, 255), required=True)
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(config_or_firmware: Path, vcpus: int, cpu_type: str, policy: str, init2: bool,
+def verify_cmd(config_or_firmware: Path | None, kernel: Path | None, initrd: Path | None, append: str | None,
+               with_net: bool, vcpus: int, cpu_type: str, policy: str, init2: bool,
                qemu_legacy_vm_type: str | None, vmsa_features: str, memory: str, c_bit: int,
                blob: str, tik: Path, api_version: str, build_id: int, as_json: bool) -> None:
     """Check a reported launch measurement against the firmware image: exit 0 on match, 1 on mismatch."""
     init2 = _init_path(init2, qemu_legacy_vm_type)
     try:
-        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit)
+        plan, firmware = _plan(config_or_firmware, vcpus, cpu_type, policy, init2, vmsa_features, memory, c_bit,
+                               kernel, initrd, append, with_net)
         major, minor = _api_version(api_version)
         result = verify(_decode_blob(blob), _read_tik(tik), digest=launch_digest(plan), api_major=major,
                         api_minor=minor, build=build_id, policy=plan.policy,

@@ -40,6 +40,9 @@ from vmmd.errors import ExitCode, VmmdError
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,cache=none|writeback][,serial=ID]",
               help="attach a virtio-blk disk backed by the existing raw image PATH (repeatable, up to 4; never "
                    "created or resized; docs/disks.md)")
+@click.option("--eventfds", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="virtio queue notifies and interrupts through KVM_IOEVENTFD / KVM_IRQFD and a device thread "
+                   "where KVM has them (auto), or every notify through vmmd's exit path (off)")
 @click.option("--stdin-console", is_flag=True,
               help="feed standard input to the serial console even when it is not a terminal (it is on a terminal)")
 @click.option("--name", "-n", default=None,
@@ -120,7 +123,7 @@ def _run(o: SimpleNamespace) -> None:
         config = MachineConfig(firmware=o.firmware, memory_bytes=parse_size(o.memory), cpus=o.cpus,
                                platform=o.platform, timeout=o.timeout, guest_arg=arg, name=name,
                                firmware_type=o.firmware_type, net=o.net, kernel=o.kernel, initrd=o.initrd,
-                               append=o.append, disks=disks).validate()
+                               append=o.append, eventfds=o.eventfds == "auto", disks=disks).validate()
         chosen, note = select_platform(o.platform)
         _apply_cpu_type(chosen, o.cpu_type)
         if o.console_path is not None:
@@ -135,12 +138,14 @@ def _run(o: SimpleNamespace) -> None:
         machine.stop_listeners.append(console.release)
         if not quiet:
             click.echo(f"vmctl: {note}", err=True)
+            for line in machine.notes:
+                click.echo(f"vmctl: {line}", err=True)
             if machine.network is not None:
                 click.echo(f"vmctl: guest {name}: virtio-net on tap {machine.network.tap_name}, guest MAC "
-                           f"{machine.network.guest_mac}", err=True)
+                           f"{machine.network.guest_mac} ({machine.network.io_path})", err=True)
             for disk in machine.disks.disks if machine.disks is not None else ():
                 click.echo(f"vmctl: guest {name}: virtio-blk at {disk.gpa:#x}: {disk.image.spec.describe()}, "
-                           f"{disk.image.size >> 10} KiB", err=True)
+                           f"{disk.image.size >> 10} KiB ({disk.io_path})", err=True)
             launch = getattr(chosen, "launch_result", None)
             if launch is None and getattr(machine, "launch_note", None):
                 click.echo(f"vmctl: no launch digest: {machine.launch_note}", err=True)
@@ -202,7 +207,7 @@ def host(memory: str | None, as_json: bool) -> None:
     from vmmd.sev.host import format_host_report, host_report
 
     try:
-        report = host_report(parse_size(memory) if memory else None)
+        report = host_report(parse_size(memory) if memory else None, probe_guest_code=True)
     except VmmdError as err:
         _fail(str(err), err.exit_code)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else format_host_report(report))

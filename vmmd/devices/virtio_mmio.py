@@ -126,6 +126,7 @@ class VirtioMmio:
         self.lock = threading.RLock()  # register writes (vCPU threads) vs. queue processing (device thread)
         self.odd_accesses = 0  # non-32-bit register accesses, ignored (spec 4.2.2.2)
         self.needs_reset_reason: str | None = None
+        self.fast_path = None  # vmmd.devices.virtio_fastpath.FastPath once attached: eventfds, notify thread
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -204,16 +205,18 @@ class VirtioMmio:
 
     def _reg_write(self, offset: int, value: int) -> None:
         if offset == VIRTIO_MMIO_QUEUE_NOTIFY:
-            if value < len(self.queues) and self.status & VIRTIO_CONFIG_S_DRIVER_OK and \
-                    not self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
-                self.backend.notify(value)
+            if self.fast_path is not None:
+                if value < len(self.queues):
+                    self.fast_path.kick_queue(value)  # served on the notify thread, as an ioeventfd would be
+                return
+            self._serve_notify_locked(value)
             return
         if offset == VIRTIO_MMIO_STATUS:
             self._write_status(value & 0xFF)
         elif offset == VIRTIO_MMIO_INTERRUPT_ACK:
             self.interrupt_status &= ~value
-            if not self.interrupt_status and self.irq is not None:
-                self.irq(False)
+            if not self.interrupt_status:
+                self._lower_irq()
         elif offset == VIRTIO_MMIO_DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == VIRTIO_MMIO_DRIVER_FEATURES_SEL:
@@ -268,8 +271,7 @@ class VirtioMmio:
             self.backend.reset()
             self._reset_state()
             self.needs_reset_reason = None
-            if self.irq is not None:
-                self.irq(False)
+            self._lower_irq()
             return
         old = self.status
         value &= ~VIRTIO_CONFIG_S_NEEDS_RESET  # the device's bit (spec 2.1.1): a driver cannot set it
@@ -306,18 +308,44 @@ class VirtioMmio:
         data = config[offset:offset + size] if 0 <= offset < len(config) else b""
         return int.from_bytes(data.ljust(size, b"\0"), "little")
 
+    # --- the notify thread (vmmd.devices.virtio_fastpath) ------------------------------------------------------------
+    def serve_notify(self, index: int) -> None:
+        """A queue's eventfd fired (KVM's ioeventfd, or kick_queue() from the exit path): serve the queue."""
+        with self.lock:
+            self._serve_notify_locked(index)
+
+    def _serve_notify_locked(self, index: int) -> None:
+        if index < len(self.queues) and self.status & VIRTIO_CONFIG_S_DRIVER_OK and \
+                not self.status & VIRTIO_CONFIG_S_NEEDS_RESET:
+            self.backend.notify(index)
+
+    def resample_irq(self) -> None:
+        """KVM lowered the irqfd's line at the guest's EOI: raise it again while an interrupt is still pending."""
+        with self.lock:
+            if self.interrupt_status and self.fast_path is not None:
+                self.fast_path.raise_irq()
+
+    def _raise_irq(self) -> None:
+        if self.fast_path is not None and self.fast_path.irq_fd is not None:
+            self.fast_path.raise_irq()
+        elif self.irq is not None:
+            self.irq(True)
+
+    def _lower_irq(self) -> None:
+        """With an irqfd KVM lowers the line itself at EOI (resample); KVM_IRQ_LINE needs it lowered here."""
+        if (self.fast_path is None or self.fast_path.irq_fd is None) and self.irq is not None:
+            self.irq(False)
+
     # --- called by the backend (device thread, under self.lock) ------------------------------------------------------
     def signal_used(self) -> None:
-        """Used buffers were added: InterruptStatus bit 0, and the irq line where one exists."""
+        """Used buffers were added: InterruptStatus bit 0, and the interrupt where one exists."""
         self.interrupt_status |= VIRTIO_MMIO_INT_VRING
-        if self.irq is not None:
-            self.irq(True)
+        self._raise_irq()
 
     def config_changed(self) -> None:
         self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
         self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-        if self.irq is not None:
-            self.irq(True)
+        self._raise_irq()
 
     def needs_reset(self, reason: str) -> None:
         """The driver broke the rules: DEVICE_NEEDS_RESET + config interrupt, one log line, queues dropped."""
@@ -331,8 +359,7 @@ class VirtioMmio:
             self.queues = [None] * len(self.queues)
             self.backend.reset()
             self.interrupt_status |= VIRTIO_MMIO_INT_CONFIG
-            if self.irq is not None:
-                self.irq(True)
+            self._raise_irq()
 
     @property
     def driver_ok(self) -> bool:

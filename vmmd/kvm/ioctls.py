@@ -18,7 +18,9 @@ from vmmd.kvm.uapi import (
     kvm_enable_cap,
     kvm_enc_region,
     kvm_fpu,
+    kvm_ioeventfd,
     kvm_irq_level,
+    kvm_irqfd,
     kvm_mp_state,
     kvm_msr_filter,
     kvm_msrs,
@@ -44,7 +46,9 @@ KVM_SET_TSS_ADDR = IO(KVMIO, 0x47)  # KVM_CAP_SET_TSS_ADDR
 KVM_SET_IDENTITY_MAP_ADDR = IOW(KVMIO, 0x48, ctypes.c_uint64)
 KVM_CREATE_IRQCHIP = IO(KVMIO, 0x60)  # KVM_CAP_IRQCHIP
 KVM_IRQ_LINE = IOW(KVMIO, 0x61, kvm_irq_level)  # KVM_CAP_IRQCHIP
+KVM_IRQFD = IOW(KVMIO, 0x76, kvm_irqfd)  # KVM_CAP_IRQFD
 KVM_CREATE_PIT2 = IOW(KVMIO, 0x77, kvm_pit_config)  # KVM_CAP_PIT2
+KVM_IOEVENTFD = IOW(KVMIO, 0x79, kvm_ioeventfd)  # KVM_CAP_IOEVENTFD
 # device attributes (on /dev/kvm with KVM_X86_GRP_SEV since 6.10, on device fds)
 KVM_SET_DEVICE_ATTR = IOW(KVMIO, 0xE1, kvm_device_attr)  # KVM_CAP_DEVICE_CTRL
 KVM_GET_DEVICE_ATTR = IOW(KVMIO, 0xE2, kvm_device_attr)  # KVM_CAP_DEVICE_CTRL

@@ -200,6 +200,24 @@ class Vm:
         _ioctl(self.fd, io.KVM_IRQ_LINE, uapi.kvm_irq_level(irq=irq, level=level), f"KVM_IRQ_LINE({irq})",
                "the VM has no in-kernel irqchip" if not self.has_irqchip else "")
 
+    def ioeventfd(self, addr: int, length: int, fd: int, datamatch: int | None = None, pio: bool = False,
+                  deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: KVM signals eventfd `fd` on each guest write of `length` bytes to MMIO (or, with `pio`,
+        port) `addr`, equal to `datamatch` when given, and completes the write without a userspace exit
+        (virt/kvm/eventfd.c kvm_assign_ioeventfd()). `deassign` removes the same registration."""
+        flags = ((uapi.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
+                 | (uapi.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (uapi.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
+        _ioctl(self.fd, io.KVM_IOEVENTFD, uapi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd,
+                                                            flags=flags), f"KVM_IOEVENTFD({addr:#x})")
+
+    def irqfd(self, fd: int, gsi: int, resamplefd: int | None = None, deassign: bool = False) -> None:
+        """KVM_IRQFD: a write to eventfd `fd` raises GSI `gsi` of the in-kernel irqchip (edge); with `resamplefd`
+        it is level-triggered and KVM signals `resamplefd` when the guest acknowledges the interrupt."""
+        flags = ((uapi.KVM_IRQFD_FLAG_RESAMPLE if resamplefd is not None else 0)
+                 | (uapi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0))
+        _ioctl(self.fd, io.KVM_IRQFD, uapi.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd or 0),
+               f"KVM_IRQFD(gsi {gsi})", "the VM has no in-kernel irqchip" if not self.has_irqchip else "")
+
     def create_pit2(self, flags: int = 0) -> None:
         """KVM_CREATE_PIT2 (after KVM_CREATE_IRQCHIP); flags KVM_PIT_SPEAKER_DUMMY: KVM answers port 0x61."""
         _ioctl(self.fd, io.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags), "KVM_CREATE_PIT2")

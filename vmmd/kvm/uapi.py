@@ -163,6 +163,32 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_ioeventfd(ctypes.Structure):
+    """KVM_IOEVENTFD (Documentation/virt/kvm/api.rst 4.59): KVM signals `fd` when the guest writes `len` bytes
+    (0, 1, 2, 4 or 8; 0 = any) at `addr`, matching `datamatch` when KVM_IOEVENTFD_FLAG_DATAMATCH is set; the
+    write is complete at once, without an exit to userspace."""
+
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", ctypes.c_int32), ("flags", u32),
+                ("pad", u8 * 36)]
+
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0  # kvm_ioeventfd_flag_nr_datamatch
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class kvm_irqfd(ctypes.Structure):
+    """KVM_IRQFD (api.rst 4.75): writing to `fd` raises GSI `gsi` of the in-kernel irqchip. With
+    KVM_IRQFD_FLAG_RESAMPLE the GSI is level-triggered: KVM asserts it on `fd` and signals `resamplefd` when the
+    guest acknowledges it, so the device can re-assert it while its condition still holds."""
+
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
+
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+
+
 class kvm_mp_state(ctypes.Structure):
     """KVM_GET/SET_MP_STATE: KVM_MP_STATE_RUNNABLE or, for APs under an in-kernel irqchip, UNINITIALIZED
     (waiting for INIT/SIPI, arch/x86/kvm/x86.c kvm_arch_vcpu_create())."""
@@ -301,14 +327,18 @@ KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_MP_STATE = 14
+KVM_CAP_IRQFD = 32
 KVM_CAP_PIT2 = 33
+KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_INTERNAL_ERROR_DATA = 40
 KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_DEBUGREGS = 50
 KVM_CAP_XCRS = 56
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_IRQFD_RESAMPLE = 82
 KVM_CAP_DEVICE_CTRL = 89
+KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
@@ -320,6 +350,7 @@ LAYOUT_STRUCTS = [
     kvm_cpuid2, kvm_xcr, kvm_xcrs, kvm_xsave, kvm_debugregs, kvm_vcpu_events, kvm_msr_filter_range, kvm_msr_filter,
     kvm_pit_config,
     kvm_userspace_memory_region, kvm_irq_level, kvm_mp_state, kvm_enable_cap, kvm_device_attr, kvm_enc_region, kvm_run,
+    kvm_ioeventfd, kvm_irqfd,
 ]
 LAYOUT_CONSTANTS = [
     "KVM_API_VERSION", "KVMIO", "KVM_NR_INTERRUPTS", "KVM_MAX_XCRS", "KVM_MSR_FILTER_MAX_RANGES",
@@ -337,6 +368,9 @@ LAYOUT_CONSTANTS = [
     "KVM_SYSTEM_EVENT_SHUTDOWN", "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_CRASH", "KVM_SYSTEM_EVENT_SEV_TERM",
     "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER",
     "KVM_PIT_SPEAKER_DUMMY",
+    "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO", "KVM_IOEVENTFD_FLAG_DEASSIGN",
+    "KVM_IRQFD_FLAG_DEASSIGN", "KVM_IRQFD_FLAG_RESAMPLE",
+    "KVM_CAP_IOEVENTFD", "KVM_CAP_IRQFD", "KVM_CAP_IRQFD_RESAMPLE", "KVM_CAP_IOEVENTFD_ANY_LENGTH",
     "KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_EXT_CPUID", "KVM_CAP_NR_VCPUS",
     "KVM_CAP_PIT2", "KVM_CAP_SET_IDENTITY_MAP_ADDR", "KVM_CAP_INTERNAL_ERROR_DATA", "KVM_CAP_XCRS",
     "KVM_CAP_MAX_VCPUS", "KVM_CAP_DEVICE_CTRL",

@@ -56,6 +56,7 @@ class MachineConfig:
     initrd: str | PathLike | None = None
     append: str | None = None  # the kernel command line; None: vmmd.machine.linux.DEFAULT_APPEND
     disks: tuple = ()  # vmmd.block.image.DiskSpec each: a virtio-blk device per image (vmmd.block)
+    eventfds: bool = True  # virtio notify and interrupt through KVM_IOEVENTFD / KVM_IRQFD where KVM has them
 
     def validate(self) -> MachineConfig:
         if (self.firmware is None) == (self.kernel is None):

@@ -41,10 +41,9 @@ from vmmd.kvm import uapi
 from vmmd.machine import acpi, mptable
 from vmmd.machine import bootparam as bp
 from vmmd.machine import layout as L
-from vmmd.machine.loader import build_page_tables, long_mode_sregs, mapped_gib, read_image_file
+from vmmd.machine.loader import LINUX, build_page_tables, long_mode_sregs, mapped_gib, read_image_file
 from vmmd.memory import PAGE_SIZE, PCI_HOLE_START_GPA, GuestMemory
 
-LINUX = "linux"  # LoadedImage.kind of a direct kernel boot
 LINUX_LAYOUT_VERSION = 1  # bump when anything below or in measured_regions() changes (docs/linux-boot.md)
 
 ZERO_PAGE_GPA = 0x1000  # struct boot_params
@@ -151,7 +150,7 @@ def parse_kernel(data: bytes, path: str) -> _Kernel:
         raise _bad(path, "setup_sects", f"{setup_sects} sectors of setup reach past the end of the file "
                    f"({len(data)} bytes): truncated")
     payload = data[start:]
-    if hdr.syssize and hdr.syssize * 16 > len(payload):
+    if hdr.syssize and hdr.syssize * 16 > len(payload) + 15:  # syssize counts 16-byte paragraphs, rounded up
         raise _bad(path, "syssize", f"the kernel is {hdr.syssize * 16} bytes but the file holds {len(payload)} "
                    "after the setup sectors: truncated")
     if hdr.init_size < len(payload):

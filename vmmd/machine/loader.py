@@ -38,6 +38,7 @@ GDT_ENTRIES = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF]
 
 FLAT = "flat"  # 64-bit image at FIRMWARE_LOAD_GPA, entered in long mode with a boot-info page
 RESET_VECTOR = "reset-vector"  # OVMF-style image ending at 4 GiB, entered in the x86 reset state
+LINUX = "linux"  # a Linux kernel booted directly (vmmd.machine.linux.LinuxImage), entered at its 64-bit entry
 FIRMWARE_TYPES = ("auto", FLAT, RESET_VECTOR)
 
 

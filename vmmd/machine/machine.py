@@ -27,6 +27,7 @@ from vmmd.machine import layout as L
 from vmmd.machine.config import MachineConfig
 from vmmd.machine.cpuid import CpuidTable, build_cpuid_table
 from vmmd.machine.loader import (
+    LINUX,
     RESET_VECTOR,
     entry_regs,
     firmware_kind,
@@ -39,7 +40,6 @@ from vmmd.machine.runloop import ExitContext, run_vcpu
 from vmmd.memory import PCI_HOLE_START_GPA, GuestMemory
 
 KICK_SIGNAL = signal.SIGUSR1
-LINUX = "linux"  # vmmd.machine.linux.LINUX, without importing that module for firmware guests
 
 
 def virtio_devices(cfg: MachineConfig):
@@ -62,6 +62,15 @@ def virtio_kernel_args(cfg: MachineConfig) -> list[str]:
     """The same devices for kernels without ACPI: one virtio_mmio.device=SIZE@ADDR:IRQ each
     (drivers/virtio/virtio_mmio.c, CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), as Firecracker passes them."""
     return [f"virtio_mmio.device={d.size >> 10}K@{d.gpa:#x}:{d.irq}" for d in virtio_devices(cfg)]
+
+
+def load_kernel(memory: GuestMemory, cfg: MachineConfig, c_bit: int):
+    """Load cfg's kernel, initrd and command line with its virtio devices (vmmd.machine.linux.load_linux):
+    (LinuxImage, cr3). The one call both a run and an SEV-ES digest prediction make."""
+    from vmmd.machine.linux import load_linux  # only kernel boots pay for the boot-protocol code
+
+    return load_linux(memory, cfg.kernel, cfg.initrd, cfg.append, cfg.cpus, c_bit, virtio_kernel_args(cfg),
+                      virtio_devices(cfg))
 
 
 @dataclass
@@ -113,6 +122,7 @@ class Machine:
         self.network = None  # vmmd.net handle with close(), when config.net is set
         self.disks = None  # vmmd.block.attach.DisksHandle, when config.disks is set
         self.launch_note: str | None = None  # why the platform reports no launch digest, where it cannot
+        self.notes: list[str] = []  # what the platform wants the user told about this run (vmctl prints them)
         self.ctx = ExitContext(self.port_bus, self.mmio_bus)
         self.stop_listeners: list = []  # called once when the VM starts stopping (see _notify_stopping)
         self._stop: VmStop | None = None
@@ -133,10 +143,11 @@ class Machine:
             self.memory = GuestMemory.with_ram(cfg.memory_bytes)
             self.firmware_kind = LINUX if cfg.kernel is not None else firmware_kind(cfg.firmware, cfg.firmware_type)
             if self.firmware_kind == LINUX:
-                from vmmd.machine.linux import load_linux  # only kernel boots pay for the boot-protocol code
+                if cfg.cpus > 1 and self.platform.name == "sev-es":
+                    from vmmd.sev.platform import LINUX_APS_REFUSED
 
-                image, cr3 = load_linux(self.memory, cfg.kernel, cfg.initrd, cfg.append, cfg.cpus,
-                                        self.platform.c_bit, virtio_kernel_args(cfg), virtio_devices(cfg))
+                    raise VmmdError(LINUX_APS_REFUSED)
+                image, cr3 = load_kernel(self.memory, cfg, self.platform.c_bit)
             elif self.firmware_kind == RESET_VECTOR:
                 if cfg.cpus > 1 and self.platform.name != "sev-es":
                     raise VmmdError("reset-vector firmware runs with one vCPU here: its APs wait for INIT/SIPI, "

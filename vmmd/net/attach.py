@@ -20,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from vmmd.devices.virtio_fastpath import attach_fast_path
 from vmmd.devices.virtio_mmio import VirtioMmio
 from vmmd.devices.virtio_net import VirtioNet
 from vmmd.devices.virtqueue import DmaWindows
@@ -104,6 +105,17 @@ class NetworkHandle:
         self.created_bridge = created_bridge
         self.mmio_gpa = mmio_gpa
 
+    def _close_fast_path(self) -> None:
+        if self.transport.fast_path is not None:
+            self.transport.fast_path.close()
+            self.transport.fast_path = None
+
+    @property
+    def io_path(self) -> str:
+        """How notifies and interrupts reach the device: its fast path, or the run loop's exit path."""
+        fast_path = self.transport.fast_path
+        return fast_path.describe() if fast_path is not None else "notify through the exit path"
+
     @property
     def tap_name(self) -> str:
         return self.tap.name
@@ -113,7 +125,8 @@ class NetworkHandle:
         return names.format_mac(self.device.mac)
 
     def close(self) -> None:
-        steps = [("stop the device thread", self.device.close),
+        steps = [("stop the notify thread", self._close_fast_path),
+                 ("stop the device thread", self.device.close),
                  ("remove the tap", lambda: tap.delete_link(self.tap.name)),
                  ("close the tap fd", self.tap.close)]
         if self.created_bridge:
@@ -156,7 +169,7 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
         if created_bridge:
             tap.delete_link(created_bridge)
         raise
-    device = None
+    device = transport = None
     try:
         tap.configure_tap(tap_dev, mac=names.host_mac(guest), mtu=spec.mtu,
                           alias=names.owner_alias("tap", pid, guest), bridge=spec.bridge,
@@ -166,7 +179,10 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
                            vnet_hdr=spec.vnet_hdr, require_access_platform=sev)
         transport = VirtioMmio(device, windows, irq=_irq_line(machine))
         machine.mmio_bus.insert(transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE)
+        fast_path = attach_fast_path(machine, transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_NET_IRQ, device.name)
     except BaseException:
+        if transport is not None and transport.fast_path is not None:
+            transport.fast_path.close()
         if device is not None:
             device.close()
         try:
@@ -176,8 +192,8 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
             if created_bridge:
                 tap.delete_link(created_bridge)
         raise
-    log.info("guest %s: virtio-net at %#x, tap %s, MAC %s", guest, L.VIRTIO_NET_MMIO_GPA, tap_dev.name,
-             names.format_mac(mac))
+    log.info("guest %s: virtio-net at %#x, tap %s, MAC %s, %s", guest, L.VIRTIO_NET_MMIO_GPA, tap_dev.name,
+             names.format_mac(mac), fast_path.describe() if fast_path is not None else "exit path")
     return NetworkHandle(tap_dev, device, transport, created_bridge, L.VIRTIO_NET_MMIO_GPA)
 
 

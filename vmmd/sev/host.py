@@ -145,6 +145,22 @@ def _sev_facts() -> dict:
 
 
 
+def _guest_code_facts() -> dict:
+    from vmmd.kvm import Kvm
+    from vmmd.kvm.probe import guest_code_emulated_reason
+
+    kvm = None
+    try:
+        kvm = Kvm()
+        reason = guest_code_emulated_reason(kvm)
+    except (VmmdError, OSError) as err:
+        reason = f"the guest-code probe could not run: {err}"
+    finally:
+        if kvm is not None:
+            kvm.close()
+    return {"native": reason is None, "reason": reason}
+
+
 def _memlock_facts(memory_bytes: int | None) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     cap_ipc_lock = False
@@ -221,8 +237,10 @@ def _sev_es_blockers(report: dict) -> list[str]:
     return out
 
 
-def host_report(memory_bytes: int | None = None) -> dict:
-    """Facts about this host for the three platforms, plus a conclusion. JSON-serialisable; never raises."""
+def host_report(memory_bytes: int | None = None, probe_guest_code: bool = False) -> dict:
+    """Facts about this host for the three platforms, plus a conclusion. JSON-serialisable; never raises.
+    `probe_guest_code` also runs a throw-away guest to learn whether guest kernel code runs natively
+    (vmmd.kvm.probe; `vmctl host` does, platform selection does not need to)."""
     report: dict = {
         "kernel": platform.release(),
         "machine": platform.machine(),
@@ -235,6 +253,8 @@ def host_report(memory_bytes: int | None = None) -> dict:
     kvm = report["kvm"]
     kvm_ok = kvm["present"] and kvm.get("accessible_rw", False) and "error" not in kvm
     kvm_reason = None if kvm_ok else (kvm.get("error") or f"{KVM_DEVICE} is missing or not accessible read-write")
+    if probe_guest_code:
+        report["guest_code"] = _guest_code_facts() if kvm_ok else {"native": None, "reason": kvm_reason}
     platforms: dict = {"plain": {"available": kvm_ok, "reason": kvm_reason}}
     emu_reason = kvm_reason
     if kvm_ok and not (kvm.get("user_space_msr") and kvm.get("msr_filter")):
@@ -277,6 +297,9 @@ def format_host_report(report: dict) -> str:
             add("  SEV VMSA feats  " + ("no KVM_X86_GRP_SEV attribute" if features is None else
                                         f"{features:#x} ({', '.join(kvm['sev_vmsa_feature_names']) or 'none'})"))
             add(f"  user MSR exits  {_yn(kvm['user_space_msr'])}, MSR filter {_yn(kvm['msr_filter'])}")
+    code = report.get("guest_code", {})
+    if code.get("native") is not None:
+        add("  guest code      " + ("runs natively" if code["native"] else f"emulated: {code['reason']}"))
     cpu = report["cpu"]
     if "error" in cpu:
         add(f"cpu               {cpu['error']}")

@@ -22,7 +22,7 @@ from vmmd.errors import ExitCode, VmmdError, VmStop
 from vmmd.kvm import exits
 from vmmd.kvm import uapi as kvm_uapi
 from vmmd.machine import layout as L
-from vmmd.machine.loader import RESET_VECTOR, LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
+from vmmd.machine.loader import LINUX, RESET_VECTOR, LoadedImage, entry_regs, load_flat_firmware, long_mode_sregs
 from vmmd.machine.platform import MSR_GHCB, Platform, create_pc_irqchip
 from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext
 from vmmd.memory import GuestMemory
@@ -101,6 +101,52 @@ def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: LaunchInpu
         memory.close()
 
 
+LINUX_APS_REFUSED = ("an SEV-ES direct Linux boot has one vCPU: the kernel starts its APs through the AP jump "
+                     "table of the firmware that launched it (OVMF), and a direct boot has no firmware: boot it with "
+                     "one vCPU")
+
+
+def linux_entry_state(image, cr3: int) -> VcpuState:
+    """The boot vCPU of a direct Linux boot at the 64-bit entry point (vmmd.machine.linux), as its VMSA holds it:
+    CR4.OSXSAVE and XCR0 = x87, as for flat images, so the digest does not depend on the predicting host."""
+    from vmmd.machine.linux import linux_entry_regs, linux_entry_sregs
+
+    return VcpuState.from_kvm(linux_entry_regs(image), linux_entry_sregs(kvm_uapi.kvm_sregs(), cr3, xsave=True),
+                              xcr0=1)
+
+
+def linux_launch_plan(memory: GuestMemory, image, cr3: int, inputs: LaunchInputs) -> measure.LaunchPlan:
+    """The plan of a loaded direct Linux boot (docs/linux-boot.md): every region the loader wrote (zero page, GDT,
+    page tables with the C-bit, command line, MP and ACPI tables, kernel, initrd) in ascending GPA order, then the
+    boot vCPU's VMSA. One vCPU only (LINUX_APS_REFUSED)."""
+    if image.cpus != 1:
+        raise VmmdError(LINUX_APS_REFUSED)
+    regions = tuple(measure.MeasuredRegion(gpa, bytes(memory.view(gpa, size)), name)
+                    for gpa, size, name in image.measured_regions())
+    return measure.LaunchPlan(regions=regions,
+                              vcpus=measure.build_vcpu_launches([linux_entry_state(image, cr3)],
+                                                                init2=inputs.uses_init2,
+                                                                vmsa_features=inputs.vmsa_features),
+                              policy=inputs.policy, init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features,
+                              cpu_sig=0)
+
+
+def linux_digest(config, inputs: LaunchInputs) -> tuple[bytes, measure.LaunchPlan]:
+    """Offline: the launch digest of a direct Linux boot of `config` (kernel, initrd, append, memory, cpus,
+    devices) for these inputs (no KVM needed)."""
+    from vmmd.machine.machine import load_kernel
+
+    if config.cpus != 1:
+        raise VmmdError(LINUX_APS_REFUSED)
+    memory = GuestMemory.with_ram(config.memory_bytes)
+    try:
+        image, cr3 = load_kernel(memory, config, inputs.c_bit)
+        plan = linux_launch_plan(memory, image, cr3, inputs)
+        return measure.launch_digest(plan), plan
+    finally:
+        memory.close()
+
+
 def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_sig: int,
                       inputs: LaunchInputs) -> measure.LaunchPlan:
     """An OVMF-style image as QEMU launches it (measure.build_ovmf_plan): the image, then BSP + AP VMSAs.
@@ -129,6 +175,10 @@ def emulated_launch(machine, inputs: LaunchInputs):
     cfg = machine.config
     cpu_type = inputs.cpu_type or DEFAULT_CPU_TYPE
     machine.platform.assumed = _assumptions(inputs, cpu_type if machine.image.kind == RESET_VECTOR else None)
+    if machine.image.kind == LINUX and cfg.cpus != 1:
+        machine.launch_note = LINUX_APS_REFUSED.replace(": boot it with one vCPU", "") + (
+            ": this guest runs with its vCPUs, as on plain, but sev-es would refuse it")
+        return None
     if machine.image.kind == RESET_VECTOR:
         copy = GuestMemory()
         copy.add_slot(machine.image.image_gpa, machine.image.image_size)
@@ -142,6 +192,11 @@ def emulated_launch(machine, inputs: LaunchInputs):
             except (VmmdError, ValueError) as err:
                 machine.launch_note = f"not an SEV-ES launchable image: {err}"
                 return None
+        elif machine.image.kind == LINUX:
+            from vmmd.machine.machine import load_kernel
+
+            image, cr3 = load_kernel(copy, cfg, inputs.c_bit)
+            plan = linux_launch_plan(copy, image, cr3, inputs)
         else:
             image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
             plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
@@ -193,6 +248,10 @@ class SevEsEmuPlatform(Platform):
 
     def launch(self, machine) -> None:
         """Run the SEV-ES launch sequence against the software model to report the hardware's launch digest."""
+        if machine.image.kind == LINUX:
+            machine.notes.append("a Linux kernel does not know sev-es-emu's doorbell (its VMGEXIT is `rep vmmcall`, "
+                                 "which only SEV-ES hardware services): it boots unencrypted as on plain, and the "
+                                 "digest below is what the sev-es launch of the same boot measures")
         self.launch_result = emulated_launch(machine, self.inputs)
 
     def release(self, machine) -> None:
@@ -267,6 +326,8 @@ class SevEsPlatform(Platform):
         if machine.image.kind == RESET_VECTOR:
             plan = reset_vector_plan(machine.memory, machine.image, machine.config.cpus, machine.cpuid.lookup(1)[0],
                                      self.inputs)
+        elif machine.image.kind == LINUX:
+            plan = linux_launch_plan(machine.memory, machine.image, machine.cr3, self.inputs)
         else:
             plan = flat_launch_plan(machine.memory, machine.image, machine.cr3, machine.config.cpus, self.inputs)
 
