@@ -219,7 +219,7 @@ def _hostile(blk, build, caplog, what):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("case", ["loop", "outside-ram", "status-readable", "ragged-length", "readable-after-writable",
-                                  "short-header", "next-past-queue"])
+                                  "short-header", "next-past-queue", "huge-status", "wrapping-address"])
 def test_hostile_chains_need_reset_and_the_vmm_goes_on(blk, memory, image, caplog, case):
     before = image.read_bytes()
     memory.write(HDRS, struct.pack("<IIQ", B.VIRTIO_BLK_T_OUT, 0, 0))
@@ -249,6 +249,14 @@ def test_hostile_chains_need_reset_and_the_vmm_goes_on(blk, memory, image, caplo
             r.set_desc(2, STATUS, 1, F_WRITE)
         elif case == "next-past-queue":
             r.set_desc(0, HDRS, 16, F_NEXT, 999)
+        elif case == "huge-status":  # a status buffer running from inside RAM far past its end
+            r.set_desc(0, HDRS, 16, F_NEXT, 1)
+            r.set_desc(1, DATA, 512, F_NEXT, 2)
+            r.set_desc(2, STATUS, 0xFFFF_FFFF, F_WRITE)
+        elif case == "wrapping-address":  # addr + len wraps around 2**64 back into RAM
+            r.set_desc(0, HDRS, 16, F_NEXT, 1)
+            r.set_desc(1, 2**64 - 256, 512, F_NEXT, 2)
+            r.set_desc(2, STATUS, 1, F_WRITE)
 
     message = _hostile(blk, build, caplog, case)
     assert "the VM keeps running" in message
@@ -276,6 +284,7 @@ def test_sev_windows_refuse_private_memory_and_want_access_platform(memory, imag
         dev.request(0, B.VIRTIO_BLK_T_IN, 0, 512)
         dev.run(1)
         assert dev.status(0) == B.VIRTIO_BLK_S_OK
+        assert dev.device.stats["batched"] == 1
         memory.write(HDRS + 16, struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 0))
         dev.ring.set_desc(3, HDRS + 16, 16, F_NEXT, 4)
         dev.ring.set_desc(4, 0x400000, 512, F_WRITE | F_NEXT, 5)  # private RAM: outside the shared window

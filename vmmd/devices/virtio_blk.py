@@ -314,9 +314,12 @@ class VirtioBlk:
         addrs = np.concatenate((d0["addr"], d1["addr"], d2["addr"]))
         lens = np.concatenate((np.full(n, 16, dtype=np.uint64), lengths.astype(np.uint64),
                                d2["len"].astype(np.uint64)))
-        if int(addrs.min()) < start or int(addrs.max()) > end or ((addrs - np.uint64(start)) >
-                                                                  np.uint64(end - start) - lens).any():
+        size = np.uint64(end - start)
+        # per element: below the window, longer than it, or ending past it (the last term may wrap only where
+        # one of the first two already holds)
+        if ((addrs < np.uint64(start)) | (lens > size) | (addrs - np.uint64(start) > size - lens)).any():
             windows.locate_many(addrs, lens)  # raises VirtqueueError naming the first bad range
+            raise VirtqueueError("a request buffer lies outside the memory the device may access")
         offs = (addrs - np.uint64(start)).astype(np.int64)
         hdr_off, data_off, status_off = offs[:n], offs[n:2 * n], offs[2 * n:] + (lens[2 * n:].astype(np.int64) - 1)
         if not (hdr_off & 7).any():  # headers 8-byte aligned, as drivers place them: two 64-bit gathers
