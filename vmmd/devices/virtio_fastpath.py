@@ -114,14 +114,21 @@ class FastPath:
 
     def describe(self) -> str:
         notify = "ioeventfd" if self.ioeventfd else "eventfd from the exit path"
+        if self.transport is not None and getattr(self.transport.backend, "vhost", None) is not None:
+            notify += " into vhost-net"
         irq = f"irqfd on GSI {self.irq_gsi}" if self.irq_fd is not None else "no irqfd"
         return f"notify {notify}, {irq}, device thread"
 
-    def attach(self, transport) -> FastPath:
-        """Serve `transport`'s queues on the notify thread from now on."""
+    def attach(self, transport, serve_queues: bool = True,
+               watches: list[tuple[int, Callable[[], None]]] = ()) -> FastPath:
+        """Serve `transport`'s queues on the notify thread from now on; with `serve_queues` False the queue
+        eventfds are someone else's to read (vhost's kick), and `watches` are other (eventfd, callback) pairs for
+        the notify thread (vhost's call)."""
         self.transport = transport
-        for index, fd in enumerate(self.queue_fds):
+        for index, fd in enumerate(self.queue_fds if serve_queues else []):
             self.thread.watch(fd, lambda index=index: transport.serve_notify(index))
+        for fd, callback in watches:
+            self.thread.watch(fd, callback)
         if self.resample_fd is not None:
             self.thread.watch(self.resample_fd, transport.resample_irq)
         transport.fast_path = self
@@ -155,7 +162,8 @@ class FastPath:
         self.queue_fds, self.irq_fd, self.resample_fd = [], None, None
 
 
-def attach_fast_path(machine, transport, gpa: int, irq_gsi: int | None, name: str) -> FastPath | None:
+def attach_fast_path(machine, transport, gpa: int, irq_gsi: int | None, name: str, serve_queues: bool = True,
+                     watches: list[tuple[int, Callable[[], None]]] = ()) -> FastPath | None:
     """Give `transport` (at `gpa`, interrupt on `irq_gsi` when the VM has an irqchip) the fast path this VM
     supports; None where the machine's configuration turns it off (MachineConfig.eventfds) or KVM has neither
     ioeventfd nor irqfd."""
@@ -165,4 +173,4 @@ def attach_fast_path(machine, transport, gpa: int, irq_gsi: int | None, name: st
     if not (notify or (irq and irq_gsi is not None)):
         return None
     return FastPath(machine.vm, gpa, transport.backend.num_queues, name, notify,
-                    irq_gsi if irq else None).attach(transport)
+                    irq_gsi if irq else None).attach(transport, serve_queues, watches)

@@ -59,6 +59,7 @@ class DmaWindows:
     """
 
     def __init__(self, memory: GuestMemory, ranges: list[tuple[int, int]] | None = None) -> None:
+        self.memory = memory
         if ranges is None:
             ranges = memory.ranges()
         self.windows: list[tuple[int, int, np.ndarray, memoryview]] = []
@@ -111,6 +112,7 @@ class Virtqueue:
                 raise VirtqueueError(f"queue {index}: {what} at {gpa:#x} is not {align}-byte aligned (spec 2.7)")
         self.index = index
         self.size = size
+        self.desc_gpa, self.driver_gpa, self.device_gpa = desc_gpa, driver_gpa, device_gpa
         self.mask = size - 1
         self.windows = windows
         self.max_chain_bytes = max_chain_bytes
