@@ -94,6 +94,11 @@ class VirtioNet:
             self._thread.start()
         self._kick()
 
+    def notify_eventfds(self) -> list[int]:
+        """The eventfd the I/O thread sleeps on, for each queue: the fast path registers it as the queues'
+        ioeventfd, so a notify wakes this thread without passing through vmmd (vmmd.devices.virtio_fastpath)."""
+        return [self._event_fd] * self.num_queues
+
     def notify(self, queue_index: int) -> None:
         self.stats["notifies"] += 1
         self._kick()
