@@ -132,6 +132,12 @@ class GuestMemory:
         slot = self.slots[index]
         return gpa >= slot.gpa and gpa + size <= slot.end_gpa
 
+    def hva(self, gpa: int, size: int) -> int:
+        """The host virtual address of guest range [gpa, gpa+size) (for kernel interfaces that take one, such as
+        vhost); GuestMemoryError unless inside one slot."""
+        slot = self._slot_for(gpa, size)
+        return slot.hva + (gpa - slot.gpa)
+
     def view(self, gpa: int, size: int) -> np.ndarray:
         """A writable uint8 view of [gpa, gpa+size); GuestMemoryError unless inside one slot."""
         slot = self._slot_for(gpa, size)

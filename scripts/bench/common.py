@@ -88,7 +88,8 @@ class GuestRun:
 
 
 def run_vmmd_guest(path: Path, guest_arg: int, platform: str = "plain", memory: int = 64 << 20,
-                   timeout: float = 60.0, on_machine: Callable[[object], None] | None = None) -> GuestRun:
+                   timeout: float = 60.0, on_machine: Callable[[object], None] | None = None,
+                   net: str | None = None, eventfds: bool = True) -> GuestRun:
     """Build and run one guest in this process through the full vmmd Machine; the guest must end cleanly."""
     from vmmd.devices.console import Console
     from vmmd.machine.config import MachineConfig
@@ -98,7 +99,7 @@ def run_vmmd_guest(path: Path, guest_arg: int, platform: str = "plain", memory: 
     console = Console(None, capture=4096)
     chosen, _ = select_platform(platform)
     config = MachineConfig(firmware=path, memory_bytes=memory, cpus=1, platform=platform, timeout=timeout,
-                           guest_arg=guest_arg)
+                           guest_arg=guest_arg, net=net, eventfds=eventfds, name=f"bench-{os.getpid()}")
     machine = Machine(config, chosen, console.write).build()
     try:
         if on_machine is not None:

@@ -14,7 +14,8 @@ cancel out. Then the cold start-to-first-console-byte latency of `vmctl run` (a 
 `vmctl` console script if on PATH, else `python -m vmmd.cli`) on firmware/build/hello.bin against
 QEMU on a -bios image whose first act is a byte to 0x3f8 (machines pc and microvm).
 
-Goals: Python loop >= 0.85x the C loop's exit rate; cold `vmctl run` first byte <= 1.5x QEMU's (pc).
+Goals: the full Python loop >= 0.95x a bare CPython KVM_RUN loop (floor_ratio; the first goal, 0.85x the C loop, is
+reported as `ratio`: the CPython floor itself is ~0.87-0.89x C here); cold `vmctl run` first byte <= 1.5x QEMU (pc).
 The last line of output is one JSON object with every figure.
 """
 
@@ -50,7 +51,8 @@ from common import (  # noqa: E402
     time_process,
 )
 
-EXIT_GOAL = 0.85
+EXIT_GOAL = 0.85  # the first goal, vs the C VMM: the CPython ioctl floor itself is ~0.87-0.89x C here
+FLOOR_GOAL = 0.95  # the restated goal (issue 15): the full run loop vs a bare CPython KVM_RUN loop, same run
 START_GOAL = 1.5
 UART_SCR_PORT = 0x3FF  # COM1 scratch register (vmmd.machine.layout.CONSOLE_PORT + 7)
 QEMU_DEBUG_EXIT_PORT = 0xF4
@@ -200,6 +202,7 @@ def main() -> int:
             "bare_python_exits_per_s": round(bare.per_second), "bare_python_us_per_exit": round(bare.us_per_op, 3),
             "bare_python_ratio": round(bare.per_second / c.per_second, 3),
             "decode_dispatch_us_per_exit": round(py.us_per_op - bare.us_per_op, 3),
+            "floor_ratio": round(py.per_second / bare.per_second, 3), "floor_ratio_goal": FLOOR_GOAL,
         })
         qemu = qemu_binary()
         if qemu:
@@ -214,7 +217,9 @@ def main() -> int:
             figures["qemu_exits_per_s"] = None
         print(f"  bare Python ioctl loop / C: {bare.per_second / c.per_second:.3f} (the ceiling for any Python loop "
               f"here); vmmd decode + dispatch + device: {py.us_per_op - bare.us_per_op:.2f} us/exit")
-        print(f"  ratio Python/C exit rate: {ratio:.3f} (goal >= {EXIT_GOAL}); UART write: {ratio_uart:.3f}")
+        print(f"  ratio Python/C exit rate: {ratio:.3f} (first goal >= {EXIT_GOAL}); UART write: {ratio_uart:.3f}")
+        print(f"  floor_ratio full loop / bare CPython loop: {py.per_second / bare.per_second:.3f} "
+              f"(goal >= {FLOOR_GOAL})")
 
         # An installed package has bytecode caches (pip and `make deps` compile them); without them every
         # start would compile vmmd from source (e.g. under PYTHONDONTWRITEBYTECODE=1), which no user sees.
@@ -250,7 +255,7 @@ def main() -> int:
                   f"{figures['start_ratio_microvm']:.3f}")
         else:
             figures["start_ratio"] = None
-    return finish(figures, {"exit_ratio": ratio >= EXIT_GOAL,
+    return finish(figures, {"floor_ratio": figures["floor_ratio"] >= FLOOR_GOAL,
                             "start_ratio": None if figures.get("start_ratio") is None
                             else figures["start_ratio"] <= START_GOAL})
 

@@ -123,13 +123,14 @@ def test_every_net_option_is_a_network_key(tmp_path) -> None:
     firmware = tmp_path / "fw.bin"
     firmware.write_bytes(b"\xf4" * 16)
     path = tmp_path / "g.toml"
-    values = {"mac": '"02:00:00:aa:bb:cc"', "mtu": "9000", "ifname": '"tap-web"', "host-ip": '"10.9.0.1/24"'}
+    values = {"mac": '"02:00:00:aa:bb:cc"', "mtu": "9000", "ifname": '"tap-web"', "host-ip": '"10.9.0.1/24"',
+              "vhost": '"off"'}
     body = "\n".join(f"{o.replace('-', '_')} = {values[o] if takes_value else 'true'}"
                      for o, takes_value in NET_OPTIONS.items())
     path.write_text(f'firmware = "{firmware}"\n[network]\nmode = "tap"\nbridge = "br9"\n{body}\n')
     spec = parse_net_spec(load_file(path).net)
-    assert (spec.ifname, spec.host_ip, spec.mtu, spec.vnet_hdr, spec.create_bridge) == \
-        ("tap-web", "10.9.0.1/24", 9000, True, True)
+    assert (spec.ifname, spec.host_ip, spec.mtu, spec.vnet_hdr, spec.create_bridge, spec.vhost) == \
+        ("tap-web", "10.9.0.1/24", 9000, True, True, "off")
     path.write_text(f'firmware = "{firmware}"\n[network]\nhost_ip = "10.9.0.1/24"\n')
     with pytest.raises(DefinitionError) as err:
         load_file(path)

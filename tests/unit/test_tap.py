@@ -54,8 +54,9 @@ def test_parse_net_spec():
     assert (spec.bridge, spec.create_bridge, spec.mac, spec.mtu, spec.vnet_hdr, spec.host_ip) == (
         "br0", True, bytes.fromhex("020000000001"), 1400, True, "10.0.2.2/24")
     assert parse_net_spec("tap").bridge is None
-    for bad in ("user", "tap,mtu=10", "tap,create-bridge", "tap,colour=red", "tap,host-ip=10.0.2.300/24",
-                "tap:" + "x" * 20):
+    assert parse_net_spec("tap").vhost == "auto" and parse_net_spec("tap,vhost=on").vhost == "on"
+    for bad in ("user", "tap,mtu=10", "tap,create-bridge", "tap,vhost=yes", "tap,vhost", "tap,colour=red",
+                "tap,host-ip=10.0.2.300/24", "tap:" + "x" * 20):
         with pytest.raises(VmmdError):
             parse_net_spec(bad)
     with pytest.raises(VmmdError, match="MTU 'abc' is not a number"):

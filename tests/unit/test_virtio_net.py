@@ -22,6 +22,17 @@ RX_RING, TX_RING = 0x100000, 0x110000
 BUFS = 0x120000
 
 
+@pytest.fixture(autouse=True, params=["per-chain", "vectorised"])
+def tx_path(request, monkeypatch):
+    """Every test runs on both TX paths: small batches walk chain by chain, larger ones go through numpy
+    (vmmd.devices.virtqueue.SMALL_BATCH); SMALL_BATCH 0 sends every batch through numpy."""
+    if request.param == "vectorised":
+        from vmmd.devices import virtqueue
+
+        monkeypatch.setattr(virtqueue, "SMALL_BATCH", 0)
+    return request.param
+
+
 @pytest.fixture
 def memory():
     mem = GuestMemory.with_ram(4 << 20)

@@ -194,6 +194,11 @@ class VirtioBlk:
             self._thread.start()
         self._kick()
 
+    def notify_eventfds(self) -> list[int]:
+        """The eventfd the I/O thread sleeps on: the fast path registers it as requestq's ioeventfd, so a
+        notify wakes this thread without passing through vmmd (vmmd.devices.virtio_fastpath)."""
+        return [self._event_fd]
+
     def notify(self, queue_index: int) -> None:
         self.stats["notifies"] += 1
         self._kick()

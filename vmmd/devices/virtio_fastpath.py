@@ -87,7 +87,8 @@ def fast_path_capabilities(kvm, vm) -> tuple[bool, bool]:
 class FastPath:
     """The eventfds of one virtio-mmio transport at `gpa`: install with `FastPath(...).attach(transport)`."""
 
-    def __init__(self, vm, gpa: int, num_queues: int, name: str, use_ioeventfd: bool, irq_gsi: int | None) -> None:
+    def __init__(self, vm, gpa: int, num_queues: int, name: str, use_ioeventfd: bool, irq_gsi: int | None,
+                 device_fds: list[int] | None = None) -> None:
         self.vm = vm
         self.gpa = gpa
         self.name = name
@@ -98,8 +99,12 @@ class FastPath:
         self.resample_fd: int | None = None
         self.irq_gsi = irq_gsi
         self.transport = None
+        # device_fds: the eventfds the device's own I/O thread already sleeps on, one per queue (VirtioNet's):
+        # KVM then wakes that thread directly, with no hop through the notify thread; they stay the device's
+        self.owns_queue_fds = device_fds is None
         try:
-            self.queue_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(num_queues)]
+            self.queue_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(num_queues)] \
+                if device_fds is None else list(device_fds)
             if use_ioeventfd:
                 for index, fd in enumerate(self.queue_fds):
                     vm.ioeventfd(gpa + QUEUE_NOTIFY_OFFSET, 4, fd, datamatch=index)
@@ -114,14 +119,22 @@ class FastPath:
 
     def describe(self) -> str:
         notify = "ioeventfd" if self.ioeventfd else "eventfd from the exit path"
+        notify += "" if self.owns_queue_fds else " to the device's own thread"
+        if self.transport is not None and getattr(self.transport.backend, "vhost", None) is not None:
+            notify += " into vhost-net"
         irq = f"irqfd on GSI {self.irq_gsi}" if self.irq_fd is not None else "no irqfd"
-        return f"notify {notify}, {irq}, device thread"
+        return f"notify {notify}, {irq}" + (", notify thread" if self.owns_queue_fds else "")
 
-    def attach(self, transport) -> FastPath:
-        """Serve `transport`'s queues on the notify thread from now on."""
+    def attach(self, transport, serve_queues: bool = True,
+               watches: list[tuple[int, Callable[[], None]]] = ()) -> FastPath:
+        """Serve `transport`'s queues on the notify thread from now on; with `serve_queues` False the queue
+        eventfds are someone else's to read (vhost's kick), and `watches` are other (eventfd, callback) pairs for
+        the notify thread (vhost's call)."""
         self.transport = transport
-        for index, fd in enumerate(self.queue_fds):
+        for index, fd in enumerate(self.queue_fds if serve_queues and self.owns_queue_fds else []):
             self.thread.watch(fd, lambda index=index: transport.serve_notify(index))
+        for fd, callback in watches:
+            self.thread.watch(fd, callback)
         if self.resample_fd is not None:
             self.thread.watch(self.resample_fd, transport.resample_irq)
         transport.fast_path = self
@@ -149,13 +162,14 @@ class FastPath:
                 self.vm.irqfd(self.irq_fd, self.irq_gsi, deassign=True)
             except (OSError, VmmdError):
                 pass  # the VM is going away
-        for fd in [*self.queue_fds, self.irq_fd, self.resample_fd]:
+        for fd in [*(self.queue_fds if self.owns_queue_fds else []), self.irq_fd, self.resample_fd]:
             if fd is not None:
                 os.close(fd)
         self.queue_fds, self.irq_fd, self.resample_fd = [], None, None
 
 
-def attach_fast_path(machine, transport, gpa: int, irq_gsi: int | None, name: str) -> FastPath | None:
+def attach_fast_path(machine, transport, gpa: int, irq_gsi: int | None, name: str, serve_queues: bool = True,
+                     watches: list[tuple[int, Callable[[], None]]] = ()) -> FastPath | None:
     """Give `transport` (at `gpa`, interrupt on `irq_gsi` when the VM has an irqchip) the fast path this VM
     supports; None where the machine's configuration turns it off (MachineConfig.eventfds) or KVM has neither
     ioeventfd nor irqfd."""
@@ -164,5 +178,7 @@ def attach_fast_path(machine, transport, gpa: int, irq_gsi: int | None, name: st
     notify, irq = fast_path_capabilities(machine.kvm, machine.vm)
     if not (notify or (irq and irq_gsi is not None)):
         return None
-    return FastPath(machine.vm, gpa, transport.backend.num_queues, name, notify,
-                    irq_gsi if irq else None).attach(transport)
+    device_fds = getattr(transport.backend, "notify_eventfds", None)
+    return FastPath(machine.vm, gpa, transport.backend.num_queues, name, notify, irq_gsi if irq else None,
+                    device_fds() if device_fds is not None and serve_queues else None).attach(
+                        transport, serve_queues, watches)

@@ -48,7 +48,8 @@ class VirtioNet:
     num_queues = 2
 
     def __init__(self, tap_fd: int, mac: bytes, *, name: str = "virtio-net", mtu: int | None = None,
-                 vnet_hdr: bool = False, require_access_platform: bool = False, queue_num_max: int = 1024) -> None:
+                 vnet_hdr: bool = False, require_access_platform: bool = False, queue_num_max: int = 1024,
+                 vhost=None) -> None:
         if len(mac) != 6:
             raise ValueError(f"a MAC address is 6 bytes, got {len(mac)}")
         self.tap_fd = tap_fd
@@ -67,6 +68,11 @@ class VirtioNet:
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # vmmd.net.vhost.VhostNet: the kernel moves the frames; one call eventfd per queue, which the transport's
+        # notify thread watches (vhost_call_watches()) to set InterruptStatus
+        self.vhost = vhost
+        self.vhost_call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(self.num_queues)] \
+            if vhost is not None else []
 
     # --- VirtioBackend -----------------------------------------------------------------------------------------------
     def config_space(self) -> bytes:
@@ -80,17 +86,53 @@ class VirtioNet:
 
     def activate(self, transport: VirtioMmio, queues: list[Virtqueue | None]) -> None:
         self.transport = transport  # its queues are read at each pass: the driver may disable or re-enable one
+        if self.vhost is not None:
+            self._start_vhost(transport, queues)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-io", daemon=True)
             self._thread.start()
         self._kick()
+
+    def notify_eventfds(self) -> list[int]:
+        """The eventfd the I/O thread sleeps on, for each queue: the fast path registers it as the queues'
+        ioeventfd, so a notify wakes this thread without passing through vmmd (vmmd.devices.virtio_fastpath)."""
+        return [self._event_fd] * self.num_queues
 
     def notify(self, queue_index: int) -> None:
         self.stats["notifies"] += 1
         self._kick()
 
     def reset(self) -> None:
-        """The transport forgets its queues on reset; the next pass finds none."""
+        """The transport forgets its queues on reset; the next pass finds none (vhost: the kernel lets go)."""
+        if self.vhost is not None:
+            self.vhost.stop()
+
+    # --- vhost-net ---------------------------------------------------------------------------------------------------
+    def vhost_call_watches(self, transport: VirtioMmio) -> list[tuple[int, object]]:
+        """(eventfd, callback) pairs for the notify thread: vhost signals a queue's call eventfd when it added used
+        buffers; InterruptStatus and the interrupt are the transport's."""
+        def called() -> None:
+            with transport.lock:
+                transport.signal_used()
+
+        return [(fd, called) for fd in self.vhost_call_fds]
+
+    def _start_vhost(self, transport: VirtioMmio, queues: list[Virtqueue | None]) -> None:
+        from vmmd.net.vhost import VhostError, vring_plan
+
+        fast_path = transport.fast_path
+        if fast_path is None or not fast_path.ioeventfd:
+            transport.needs_reset("vhost-net needs the queues' ioeventfds, and this device has none")
+            return
+        regions, rings = vring_plan(transport.windows.memory, transport.windows, queues)
+        try:
+            self.vhost.start(transport.driver_features & self.vhost.features, regions,
+                             [(*ring, fast_path.queue_fds[ring[0]], self.vhost_call_fds[ring[0]]) for ring in rings],
+                             self.tap_fd)
+        except VhostError as err:
+            self.vhost.stop()
+            transport.needs_reset(str(err))
 
     # --- thread ------------------------------------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -169,7 +211,13 @@ class VirtioNet:
             return want_tap
 
     def close(self) -> None:
-        """Stop the I/O thread and release the eventfd (the tap fd belongs to the caller)."""
+        """Stop the I/O thread (or vhost) and release the eventfds (the tap fd belongs to the caller)."""
+        if self.vhost is not None:
+            self.vhost.close()
+            self.vhost = None
+        for fd in self.vhost_call_fds:
+            os.close(fd)
+        self.vhost_call_fds = []
         self._stopping = True
         self._kick()
         if self._thread is not None:

@@ -12,6 +12,8 @@ Definition (`vmctl run --net`), a string:
 - ifname: the tap's name (default vmmd-<guest name>).
 - vnet-hdr: open the tap with IFF_VNET_HDR (the virtio_net_hdr passes through).
 - host-ip: an IPv4 address for the host side: on the tap, or on the bridge when this guest creates it.
+- vhost: on | off | auto (default): the kernel's vhost-net moves the frames (vmmd.net.vhost), where the host has
+  /dev/vhost-net and the VM the ioeventfd fast path; auto falls back to vmmd's own datapath, on refuses to start.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from vmmd.devices.virtqueue import DmaWindows
 from vmmd.errors import VmmdError
 from vmmd.machine import layout as L
 from vmmd.net import names, tap
+from vmmd.net.vhost import VHOST_MODES, VhostNet, vhost_unavailable_reason
 
 log = logging.getLogger("vmmd.net")
 
@@ -45,11 +48,13 @@ class NetSpec:
     ifname: str | None = None
     vnet_hdr: bool = False
     host_ip: str | None = None
+    vhost: str = "auto"  # vmmd.net.vhost.VHOST_MODES
 
 
 # The one set of options, `--net tap[:BRIDGE],NAME=VALUE,FLAG` and a definition's [network] table (where names
 # use "_" for "-": host_ip, create_bridge, vnet_hdr): name -> True for a value option, False for a flag.
-NET_OPTIONS = {"mac": True, "mtu": True, "ifname": True, "host-ip": True, "create-bridge": False, "vnet-hdr": False}
+NET_OPTIONS = {"mac": True, "mtu": True, "ifname": True, "host-ip": True, "create-bridge": False, "vnet-hdr": False,
+               "vhost": True}
 
 
 def parse_net_spec(text: str) -> NetSpec:
@@ -84,6 +89,10 @@ def parse_net_spec(text: str) -> NetSpec:
             elif key == "host-ip" and eq:
                 tap._split_cidr(value)
                 spec.host_ip = value
+            elif key == "vhost" and eq:
+                if value not in VHOST_MODES:
+                    raise ValueError(f"vhost={value!r}: choose one of {', '.join(VHOST_MODES)}")
+                spec.vhost = value
             else:
                 known = ", ".join(f"{k}=" if v else k for k, v in NET_OPTIONS.items())
                 raise ValueError(f"unknown option (known: {known})")
@@ -163,8 +172,14 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
     if spec.host_ip and spec.bridge and not created_bridge:
         raise VmmdError(f"host-ip {spec.host_ip} with the existing bridge {spec.bridge!r}: give the bridge its "
                         "address yourself, or leave out host-ip")
+    vhost_reason = _vhost_reason(machine, spec)
+    if spec.vhost == "on" and vhost_reason is not None:
+        if created_bridge:
+            tap.delete_link(created_bridge)
+        raise VmmdError(f"--net ...,vhost=on: {vhost_reason}; use vhost=auto to fall back to vmmd's datapath")
+    use_vhost = vhost_reason is None
     try:
-        tap_dev = tap.open_tap(ifname, spec.vnet_hdr)
+        tap_dev = tap.open_tap(ifname, spec.vnet_hdr or use_vhost)  # vhost passes the 12-byte header through
     except BaseException:
         if created_bridge:
             tap.delete_link(created_bridge)
@@ -176,10 +191,12 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
                           host_ip=None if created_bridge or spec.bridge else spec.host_ip)
         windows = DmaWindows(machine.memory, [(L.SHARED_GPA, L.SHARED_SIZE)] if sev else None)
         device = VirtioNet(tap_dev.fd, mac, name=f"virtio-net {tap_dev.name}", mtu=spec.mtu,
-                           vnet_hdr=spec.vnet_hdr, require_access_platform=sev)
+                           vnet_hdr=spec.vnet_hdr or use_vhost, require_access_platform=sev,
+                           vhost=VhostNet() if use_vhost else None)
         transport = VirtioMmio(device, windows, irq=_irq_line(machine))
         machine.mmio_bus.insert(transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE)
-        fast_path = attach_fast_path(machine, transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_NET_IRQ, device.name)
+        fast_path = attach_fast_path(machine, transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_NET_IRQ, device.name,
+                                     serve_queues=not use_vhost, watches=device.vhost_call_watches(transport))
     except BaseException:
         if transport is not None and transport.fast_path is not None:
             transport.fast_path.close()
@@ -195,6 +212,19 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
     log.info("guest %s: virtio-net at %#x, tap %s, MAC %s, %s", guest, L.VIRTIO_NET_MMIO_GPA, tap_dev.name,
              names.format_mac(mac), fast_path.describe() if fast_path is not None else "exit path")
     return NetworkHandle(tap_dev, device, transport, created_bridge, L.VIRTIO_NET_MMIO_GPA)
+
+
+def _vhost_reason(machine, spec: NetSpec) -> str | None:
+    """None when this guest's virtio-net can use vhost-net, else why not (vhost=off counts)."""
+    if spec.vhost == "off":
+        return "vhost=off"
+    if not getattr(machine.config, "eventfds", True):
+        return "vhost-net needs the ioeventfd fast path, which --eventfds off turns off"
+    from vmmd.devices.virtio_fastpath import fast_path_capabilities
+
+    if not fast_path_capabilities(machine.kvm, machine.vm)[0]:
+        return "vhost-net needs KVM_CAP_IOEVENTFD, which this KVM lacks"
+    return vhost_unavailable_reason()
 
 
 def _irq_line(machine):
