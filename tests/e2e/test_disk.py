@@ -118,3 +118,19 @@ def test_unusable_disks_are_exit_3_with_a_sentence(tmp_path, case):
     assert path.exists() == (case != "missing")
     if case == "ragged":
         assert path.stat().st_size == 1000
+
+
+def test_predicted_digest_measures_the_disks_in_the_boot_info_page(image):
+    """On sev-es the boot-info page, which names the disks' register pages, is measured: sev-es-emu's predicted
+    digest must change with the disks and stay the same for the same disks."""
+    import re
+
+    def digest(*extra: str) -> str:
+        r = vmctl("run", guest("hello"), "-p", "sev-es-emu", *extra, "-t", "30")
+        assert r.returncode == ExitCode.SUCCESS, r.stderr
+        return re.search(r"launch digest \(.*\): ([0-9a-f]{64})", r.stderr).group(1)
+
+    bare = digest()
+    one = digest("--disk", str(image))
+    assert one != bare
+    assert digest("--disk", f"{image},ro") == one  # where the disk is, not how it is opened

@@ -198,7 +198,10 @@ def emulated_launch(machine, inputs: LaunchInputs):
             image, cr3 = load_kernel(copy, cfg, inputs.c_bit)
             plan = linux_launch_plan(copy, image, cr3, inputs)
         else:
-            image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg)
+            from vmmd.machine.machine import disk_gpas  # the boot-info page names the devices: it is measured
+
+            image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg,
+                                            L.VIRTIO_NET_MMIO_GPA if cfg.net else 0, virtio_blk_gpas=disk_gpas(cfg))
             plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
         model = SevModel(copy, has_init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
         result = SevEsLaunch(model, plan).run(lambda plan: None)
