@@ -157,7 +157,7 @@ def host_seconds(pio: Path, path: Path, read: bool, size: int, count: int, rando
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where the image file goes (default: the system's temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-disk-", dir=args.dir) as tmp:
