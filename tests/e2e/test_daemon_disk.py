@@ -100,3 +100,20 @@ def test_a_user_gets_only_the_access_the_image_gives_them(daemon):
     shown = daemon.wait_state("user-ro", ("stopped", "failed"))
     assert shown["state"] == "stopped" and shown["end"]["exit_code"] == 0, shown
     assert theirs.read_bytes() == bytes(DISK_BYTES)
+
+
+def test_vmctl_start_names_a_missing_or_locked_image_with_exit_3(daemon):
+    (daemon.defs / "nodisk.toml").write_text(definition("nodisk", "blk", ['path = "missing.img"']))
+    r = daemon.vmctl("start", "nodisk", "--wait")
+    assert r.returncode == 3, r.stderr
+    assert b"key 'disk[0]': disk " in r.stderr and b"missing.img: no such file" in r.stderr, r.stderr
+    assert not (daemon.defs / "missing.img").exists()  # nothing created
+    img = image(daemon.defs / "held.img")
+    (daemon.defs / "held.toml").write_text(definition("held", "blk", ['path = "held.img"']))
+    holder = open_disk(DiskSpec(str(img)))
+    try:
+        r = daemon.vmctl("start", "held", "--wait")
+    finally:
+        holder.close()
+    assert r.returncode == 3, r.stderr
+    assert b"is in use by another guest or program" in r.stderr, r.stderr
