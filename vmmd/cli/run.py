@@ -120,6 +120,8 @@ def _run(o: SimpleNamespace) -> None:
                                append=o.append, eventfds=o.eventfds == "auto").validate()
         chosen, note = select_platform(o.platform)
         _apply_cpu_type(chosen, o.cpu_type)
+        if quiet and hasattr(chosen, "predict_digest"):
+            chosen.predict_digest = False  # sev-es-emu: -q prints no digest, so the software launch is not run
         if o.console_path is not None:
             out = open(o.console_path, "wb")
         elif sys.stdout is None:
