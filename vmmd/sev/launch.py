@@ -37,7 +37,6 @@ import hmac
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from vmmd.errors import GuestMemoryError, VmmdError
@@ -121,6 +120,16 @@ def _hva(memory: GuestMemory, gpa: int, length: int, command: str) -> int:
         raise SevError(command, errno.EFAULT, None, str(err)) from None
 
 
+def _read_param(path: str) -> str:
+    """A module parameter's value, "" when the module has no such parameter. (No pathlib here: this module is
+    on the start path of every sev-es-emu run that reports a digest.)"""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def _buffer(data: bytes) -> ctypes.Array:
     return ctypes.create_string_buffer(bytes(data), len(data))
 
@@ -164,8 +173,7 @@ class KvmSevBackend:
                 features = 0  # 6.10+: legacy KVM_SEV_ES_INIT behaves as INIT2 with vmsa_features 0
             else:
                 # before 6.10 ES_INIT sets DebugSwap when kvm_amd debug_swap=Y (6.5-6.9; amd-memory-encryption.rst)
-                swap = Path("/sys/module/kvm_amd/parameters/debug_swap")
-                on = swap.exists() and swap.read_text().strip().upper() in ("Y", "1")
+                on = _read_param("/sys/module/kvm_amd/parameters/debug_swap").upper() in ("Y", "1")
                 features = uapi.SVM_SEV_FEAT_DEBUG_SWAP if on else 0
             caps = BackendCaps(use_init2, features, platform)
             vm = kvm.create_vm(uapi.KVM_X86_SEV_ES_VM if use_init2 else uapi.KVM_X86_DEFAULT_VM)
@@ -566,7 +574,8 @@ class SevEsLaunch:
         if path is None:
             return None
         try:
-            return Path(path).read_bytes()
+            with open(path, "rb") as f:
+                return f.read()
         except OSError as err:
             raise VmmdError(f"cannot read the {what} file {path}: {err.strerror}") from None
 
