@@ -131,7 +131,7 @@ def c_loop(minivmm: Path, guest: Path, arg_for: callable, key: str) -> callable:
 
 
 def qemu_cmd(qemu: str, image: Path, machine: str, serial: bool) -> list[str]:
-    return [qemu, "-machine", machine, "-accel", "kvm", "-cpu", "host", "-m", "16", "-bios", str(image),
+    return [qemu, "-machine", machine, "-accel", "kvm", "-cpu", "qemu64", "-m", "16", "-bios", str(image),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio" if serial else "none",
             "-device", f"isa-debug-exit,iobase={QEMU_DEBUG_EXIT_PORT:#x},iosize=4"]
 
