@@ -9,8 +9,10 @@ Layout follows QEMU's pc machine: RAM below the 32-bit PCI hole (which starts at
 3 GiB), the rest from 4 GiB up.
 
 numpy is imported on the first `view()` (or `MemorySlot.array`), not with this module:
-`read`, `write`, `read_u64` and `write_u64` go through the mmap itself, so a `vmctl run`
-whose loader only writes bytes never pays numpy's ~30-90 ms import (docs/benchmarks.md).
+`read`, `write`, `read_u64` and `write_u64` go through the mmap itself, and `buffer()` hands
+out the same bounds-checked, zero-copy window as a plain memoryview, so code on the start
+path of every `vmctl run` (the loader, the GHCB service, the emulated launch) never pays
+numpy's ~30-90 ms import (docs/benchmarks.md, scripts/bench/startup.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class MemorySlot:
     hva: int  # host virtual address of the mapping's first byte
     read_only: bool = False
     _array: np.ndarray | None = field(default=None, repr=False)
+    _bytes: memoryview | None = field(default=None, repr=False)
+
+    @property
+    def bytes_view(self) -> memoryview:
+        """Writable unsigned-byte memoryview of `mapping`, zero-copy (no numpy)."""
+        if self._bytes is None:
+            self._bytes = memoryview(self.mapping)
+        return self._bytes
 
     @property
     def array(self) -> np.ndarray:
@@ -144,6 +154,13 @@ class GuestMemory:
         offset = gpa - slot.gpa
         return slot.array[offset:offset + size]
 
+    def buffer(self, gpa: int, size: int) -> memoryview:
+        """The same window as `view()` as a writable memoryview of unsigned bytes (format "B"), without numpy;
+        GuestMemoryError unless [gpa, gpa+size) is inside one slot."""
+        slot = self._slot_for(gpa, size)
+        offset = gpa - slot.gpa
+        return slot.bytes_view[offset:offset + size]
+
     def read(self, gpa: int, size: int) -> bytes:
         slot = self._slot_for(gpa, size)
         offset = gpa - slot.gpa
@@ -173,6 +190,9 @@ class GuestMemory:
     def close(self) -> None:
         for slot in self.slots:
             slot._array = None
+            if slot._bytes is not None:
+                slot._bytes.release()  # views sliced from it keep the mapping until they go, as numpy views do
+                slot._bytes = None
         for slot in self.slots:
             try:
                 slot.mapping.close()

@@ -4,7 +4,12 @@
  * the `0`, `-`, `#` flags and a field width. No floating point.
  *
  * The VMM's UART is always ready to transmit, so LSR is not polled (each poll
- * would be one more exit). On GHCB platforms each byte is one GHCB IOIO event.
+ * would be one more exit). On GHCB platforms fw_putc() is one GHCB IOIO event per
+ * byte; fw_puts() and fw_printf() gather their text (up to CONSOLE_BATCH bytes at a
+ * time) and send it as one string IOIO event (`rep outsb`, the bytes in the GHCB
+ * shared buffer), as Linux's #VC handler forwards a `rep outsb` (vc_handle_ioio()).
+ * The UART receives the same bytes in the same order; a call's text is sent
+ * before it returns.
  */
 #include "fw.h"
 
@@ -16,21 +21,30 @@ void fw_putc(char c)
 		outb(fw.console_port, (uint8_t)c); /* plain, or sev-es-emu before negotiation */
 }
 
-void fw_puts(const char *s)
-{
-	while (*s)
-		fw_putc(*s++);
-}
+#define CONSOLE_BATCH 256 /* bytes per string IOIO event: fits the GHCB shared buffer (2032) */
 
 struct sink {
 	char *buf;      /* NULL: console */
 	size_t size;
 	size_t len;     /* characters produced (snprintf return value) */
+	char *batch;    /* console on a GHCB platform: text not yet sent, `batched` bytes */
+	unsigned batched;
 };
+
+static void send_batch(struct sink *k)
+{
+	if (k->batched)
+		ghcb_ioio_outs(fw.console_port, 1, k->batch, k->batched);
+	k->batched = 0;
+}
 
 static void emit(struct sink *k, char c)
 {
-	if (!k->buf)
+	if (k->batch) {
+		k->batch[k->batched++] = c;
+		if (k->batched == CONSOLE_BATCH)
+			send_batch(k);
+	} else if (!k->buf)
 		fw_putc(c);
 	else if (k->len + 1 < k->size)
 		k->buf[k->len] = c;
@@ -139,20 +153,37 @@ static void format(struct sink *k, const char *fmt, va_list ap)
 	}
 }
 
+/* Format to the console; on GHCB platforms in batches (one string IOIO event each, not one per byte). */
+static size_t console_vprintf(const char *fmt, va_list ap)
+{
+	char batch[CONSOLE_BATCH];
+	struct sink k = { 0, 0, 0, fw_has_ghcb() ? batch : 0, 0 };
+
+	format(&k, fmt, ap);
+	if (k.batch)
+		send_batch(&k);
+	return k.len;
+}
+
 int fw_printf(const char *fmt, ...)
 {
-	struct sink k = { 0, 0, 0 };
 	va_list ap;
+	size_t len;
 
 	va_start(ap, fmt);
-	format(&k, fmt, ap);
+	len = console_vprintf(fmt, ap);
 	va_end(ap);
-	return (int)k.len;
+	return (int)len;
+}
+
+void fw_puts(const char *s)
+{
+	fw_printf("%s", s);
 }
 
 int fw_vsnprintf(char *buf, size_t size, const char *fmt, va_list ap)
 {
-	struct sink k = { buf, size, 0 };
+	struct sink k = { buf, size, 0, 0, 0 };
 
 	format(&k, fmt, ap);
 	if (size)

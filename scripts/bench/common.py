@@ -149,6 +149,29 @@ def qemu_binary() -> str | None:
     return shutil.which("qemu-system-x86_64")
 
 
+QEMU_DEBUG_EXIT_PORT = 0xF4  # isa-debug-exit,iobase=0xf4: a write of V ends QEMU with status (V << 1) | 1
+
+
+def qemu_bios_image(tmp: Path, count: int, console_byte: str | None = None) -> Path:
+    """scripts/bench/c/qemu-bios.S as a 64 KiB QEMU `-bios` image: optional CONSOLE_BYTE to COM1, COUNT `outb`
+    to port 0x80, then 0 to isa-debug-exit at QEMU_DEBUG_EXIT_PORT (QEMU exits with status 1)."""
+    defines: dict[str, object] = {"COUNT": count, "DEBUG_EXIT_PORT": hex(QEMU_DEBUG_EXIT_PORT)}
+    name = f"qemu-bios-{count}.bin"
+    if console_byte is not None:
+        defines["CONSOLE_BYTE"] = f"'{console_byte}'"
+        name = f"qemu-bios-console-{count}.bin"
+    return build_flat_image(tmp, "qemu-bios.S", name, 0, defines)
+
+
+def vmctl_cmd() -> tuple[list[str], str]:
+    """The console script a user runs: the one installed beside this interpreter (the .venv), else on PATH."""
+    beside = Path(sys.executable).parent / "vmctl"
+    installed = str(beside) if beside.exists() else shutil.which("vmctl")
+    if installed:
+        return [installed], "vmctl"
+    return [sys.executable, "-m", "vmmd.cli"], "python -m vmmd.cli"
+
+
 def time_process(cmd: list[str], expect_rc: int | None = None, cwd: Path | None = None) -> float:
     """Wall seconds of one run of CMD (stdin from /dev/null, output discarded)."""
     start = time.perf_counter()

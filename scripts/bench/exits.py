@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import compileall
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     EXIT_NOT_RUN,
+    QEMU_DEBUG_EXIT_PORT,
     REPO,
     BenchError,
     Rate,
     build_c_program,
-    build_flat_image,
     finish,
     firmware,
     first_byte_latency,
@@ -49,13 +48,14 @@ from common import (  # noqa: E402
     rate_by_difference,
     run_vmmd_guest,
     time_process,
+    vmctl_cmd,
 )
+from common import qemu_bios_image as qemu_image  # noqa: E402
 
 EXIT_GOAL = 0.85  # the first goal, vs the C VMM: the CPython ioctl floor itself is ~0.87-0.89x C here
 FLOOR_GOAL = 0.95  # the restated goal (issue 15): the full run loop vs a bare CPython KVM_RUN loop, same run
 START_GOAL = 1.5
 UART_SCR_PORT = 0x3FF  # COM1 scratch register (vmmd.machine.layout.CONSOLE_PORT + 7)
-QEMU_DEBUG_EXIT_PORT = 0xF4
 
 
 def python_loop(guest: Path, arg_for: callable, check_unmapped: bool) -> callable:
@@ -131,27 +131,9 @@ def c_loop(minivmm: Path, guest: Path, arg_for: callable, key: str) -> callable:
 
 
 def qemu_cmd(qemu: str, image: Path, machine: str, serial: bool) -> list[str]:
-    return [qemu, "-machine", machine, "-accel", "kvm", "-cpu", "host", "-m", "16", "-bios", str(image),
+    return [qemu, "-machine", machine, "-accel", "kvm", "-cpu", "qemu64", "-m", "16", "-bios", str(image),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio" if serial else "none",
             "-device", f"isa-debug-exit,iobase={QEMU_DEBUG_EXIT_PORT:#x},iosize=4"]
-
-
-def qemu_image(tmp: Path, count: int, console_byte: str | None = None) -> Path:
-    defines: dict[str, object] = {"COUNT": count, "DEBUG_EXIT_PORT": hex(QEMU_DEBUG_EXIT_PORT)}
-    name = f"qemu-bios-{count}.bin"
-    if console_byte is not None:
-        defines["CONSOLE_BYTE"] = f"'{console_byte}'"
-        name = f"qemu-bios-console-{count}.bin"
-    return build_flat_image(tmp, "qemu-bios.S", name, 0, defines)
-
-
-def vmctl_cmd() -> tuple[list[str], str]:
-    """The console script a user runs: the one installed beside this interpreter (the .venv), else on PATH."""
-    beside = Path(sys.executable).parent / "vmctl"
-    installed = str(beside) if beside.exists() else shutil.which("vmctl")
-    if installed:
-        return [installed], "vmctl"
-    return [sys.executable, "-m", "vmmd.cli"], "python -m vmmd.cli"
 
 
 def fmt_rate(name: str, rate: Rate) -> str:

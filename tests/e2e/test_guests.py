@@ -190,6 +190,47 @@ def test_a_signal_stops_the_vm_with_exit_130(sig: str) -> None:
     assert "Traceback" not in err and ("interrupted" in err or "terminated" in err), err
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_vcpu_threads_start_stops_the_vm_cleanly(sig: str, monkeypatch) -> None:
+    """The signal arrives inside Thread.start() (as it did on a loaded host once the guest had printed): the
+    run still ends as interrupted, with every vCPU thread joined, instead of the exception escaping run()."""
+    import os
+    import signal
+    import threading
+
+    from vmmd.machine.config import MachineConfig
+    from vmmd.machine.machine import Machine
+    from vmmd.platforms import select_platform
+
+    platform, _ = select_platform("plain")
+    machine = Machine(MachineConfig(firmware=guest("spin"), memory_bytes=16 << 20, cpus=2, platform="plain",
+                                    timeout=30), platform, lambda data: None).build()
+    start = threading.Thread.start
+
+    def start_and_signal(thread) -> None:
+        os.kill(os.getpid(), getattr(signal, sig))  # pending now; Python runs its handler at the next bytecode
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_and_signal)
+    escaped = None
+    try:
+        result = machine.run()
+    except BaseException as exc:  # the bug this guards against: KeyboardInterrupt / _Terminate out of run()
+        escaped = exc
+        machine.request_stop("interrupted", "test cleanup", ExitCode.INTERRUPTED)
+    finally:
+        monkeypatch.undo()
+        threads = getattr(machine, "_threads", [])
+        for thread in threads:
+            while thread.is_alive():
+                machine.kick_all()
+                thread.join(0.2)
+        machine.close()
+    assert escaped is None, f"{type(escaped).__name__} escaped Machine.run()"
+    assert result.kind == "interrupted" and result.exit_code == ExitCode.INTERRUPTED, result.reason
+    assert threads and not any(t.is_alive() for t in threads)
+
+
 @pytest.mark.parametrize("platform", ["plain", "sev-es-emu"])
 def test_more_vcpus_than_fit_below_1_mib(platform: str) -> None:
     """40 vCPUs: GHCB pages and stacks in the vCPU area after the image; every vCPU starts, the BSP prints, and

@@ -116,7 +116,8 @@ def test_plain_tap_with_host_address(netns_name):
 @pytest.mark.parametrize("eventfds", ["auto", "off"])
 def test_the_exchange_is_the_same_on_the_fast_path_and_the_exit_path(netns_name, platform: str, eventfds: str):
     proc = check_exchange(netns_name, platform, "tap,host-ip=10.0.2.2/24", eventfds)
-    path = "notify ioeventfd, no irqfd, device thread" if eventfds == "auto" else "notify through the exit path"
+    path = ("notify ioeventfd to the device's own thread, no irqfd" if eventfds == "auto"
+            else "notify through the exit path")
     assert f"({path})" in proc.stderr  # firmware guests poll: no irqchip, so no irqfd
 
 

@@ -105,6 +105,20 @@ def test_vmctl_measure_flat_image_matches_run() -> None:
                                                                                      LaunchInputs())
 
 
+def test_default_policy_is_measures_and_quiet_runs_predict_no_digest() -> None:
+    from vmmd.sev import measure
+
+    assert LaunchInputs().policy == measure.DEFAULT_SEVES_POLICY
+    platform = SevEsEmuPlatform()
+    platform.predict_digest = False  # what `vmctl run -q` sets: it prints no digest
+    machine = Machine(MachineConfig(firmware=HELLO, memory_bytes=16 << 20, cpus=1, platform="sev-es-emu"),
+                      platform, lambda data: None).build()
+    try:
+        assert platform.launch_result is None and machine.launch_note is None
+    finally:
+        machine.close()
+
+
 @pytest.mark.parametrize(("has_init2", "supported", "requested", "want_features"), [
     (True, 0x20, 0x21, 0x20),   # INIT2 (6.10+): the requested features KVM supports
     (True, 0x20, 0x0, 0x0),     # ... and none unless asked for

@@ -181,3 +181,20 @@ def test_usage_and_protocol_version_bytes(page: g.GhcbPage) -> None:
 def test_page_rejects_wrong_view() -> None:
     with pytest.raises(ValueError):
         g.GhcbPage(np.zeros(4095, np.uint8))
+    for wrong in (np.zeros(512, np.uint64), np.zeros((2, 2048), np.uint8), np.zeros(8192, np.uint8)[::2],
+                  memoryview(bytearray(4096)).cast("I"), b"x", 4096):
+        with pytest.raises(ValueError):
+            g.GhcbPage(wrong)
+
+
+def test_page_over_a_guest_memory_buffer_is_the_same_page_as_over_a_numpy_view() -> None:
+    memory = GuestMemory.with_ram(4 << 20)
+    page, twin = g.GhcbPage(memory.buffer(0x10000, 4096)), g.GhcbPage(memory.view(0x10000, 4096))
+    page.set(g.CPL, 3)
+    page.set(g.RCX, 0x1122_3344_5566_7788)
+    page.protocol_version = 2
+    page.usage = 7
+    assert (twin.get(g.CPL), twin.get(g.RCX), twin.protocol_version, twin.usage) == (3, 0x1122_3344_5566_7788, 2, 7)
+    assert twin.valid_bitmap == page.valid_bitmap == g.valid_mask(g.CPL, g.RCX)
+    assert memory.read(0x10000 + g.RCX, 8) == (0x1122_3344_5566_7788).to_bytes(8, "little")
+    assert bytes(page.shared_buffer()) == bytes(twin.shared_buffer()) == bytes(g.GHCB_SHARED_BUF_SIZE)

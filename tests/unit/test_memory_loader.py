@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 
 from vmmd.errors import GuestMemoryError, VmmdError
@@ -21,20 +23,22 @@ def test_ram_layout_splits_at_pci_hole() -> None:
 
 @pytest.mark.parametrize("gpa,size", [(-1, 1), ((4 << 20) - 4, 8), (4 << 20, 1), (0, (4 << 20) + 1), (2**64, 1),
                                       (0x1000, -1)])
-def test_view_refuses_ranges_leaving_ram(gpa: int, size: int) -> None:
+@pytest.mark.parametrize("access", ["view", "buffer", "hva"])
+def test_view_refuses_ranges_leaving_ram(gpa: int, size: int, access: str) -> None:
     memory = GuestMemory.with_ram(4 << 20)
     with pytest.raises(GuestMemoryError):
-        memory.view(gpa, size)
+        getattr(memory, access)(gpa, size)
     assert not memory.contains(gpa, size)
 
 
-def test_view_refuses_range_across_the_hole() -> None:
+@pytest.mark.parametrize("access", ["view", "buffer", "hva"])
+def test_view_refuses_range_across_the_hole(access: str) -> None:
     memory = GuestMemory.with_ram(PCI_HOLE_START_GPA + (2 << 20))
     assert memory.contains(FOUR_GIB_GPA, 4096)
     with pytest.raises(GuestMemoryError):
-        memory.view(PCI_HOLE_START_GPA - 8, 16)
+        getattr(memory, access)(PCI_HOLE_START_GPA - 8, 16)
     with pytest.raises(GuestMemoryError):
-        memory.view(PCI_HOLE_START_GPA, 8)
+        getattr(memory, access)(PCI_HOLE_START_GPA, 8)
 
 
 def test_views_are_zero_copy() -> None:
@@ -42,6 +46,21 @@ def test_views_are_zero_copy() -> None:
     view = memory.view(0x2000, 16)
     view[:4] = [1, 2, 3, 4]
     assert memory.read(0x2000, 4) == b"\x01\x02\x03\x04"
+
+
+def test_buffers_are_zero_copy_bytes_at_the_slots_hva() -> None:
+    memory = GuestMemory.with_ram(PCI_HOLE_START_GPA + (2 << 20))
+    buf = memory.buffer(FOUR_GIB_GPA + 0x2000, 16)
+    assert (buf.format, buf.nbytes, buf.readonly) == ("B", 16, False)
+    buf[:4] = b"\x01\x02\x03\x04"
+    assert memory.read(FOUR_GIB_GPA + 0x2000, 4) == b"\x01\x02\x03\x04"
+    memory.write(FOUR_GIB_GPA + 0x2004, b"\x05")
+    assert buf[4] == 5
+    high = memory.slots[1]
+    assert memory.hva(FOUR_GIB_GPA + 0x2000, 16) == high.hva + 0x2000
+    assert ctypes.string_at(memory.hva(FOUR_GIB_GPA + 0x2000, 5), 5) == b"\x01\x02\x03\x04\x05"
+    del buf
+    memory.close()
 
 
 @pytest.mark.parametrize("size", [4095, 1 << 20])

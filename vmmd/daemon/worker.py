@@ -277,6 +277,8 @@ def _warm_up() -> None:
     """Pay every one-time cost in the zygote, once, instead of in each guest start: imports (numpy,
     vmmd.machine, the lazily imported SEV launch model), the host probe behind platform 'auto', and a
     throwaway build of a one-instruction guest on each software platform (module-level caches)."""
+    import numpy  # noqa: F401  (guest-memory views of the virtio queues; the GHCB service no longer loads it)
+
     import vmmd.devices.console  # noqa: F401
     from vmmd.platforms import select_platform
 

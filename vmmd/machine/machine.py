@@ -91,6 +91,13 @@ def _raise_terminate(signum, frame) -> None:
     raise _Terminate()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _install_signal_handlers():
     """The run's handlers; returns the SIGTERM handler they replace (None off the main thread)."""
     if threading.current_thread() is threading.main_thread():
@@ -252,10 +259,17 @@ class Machine:
         self._threads = [threading.Thread(target=self._vcpu_thread, args=(v,), name=f"vcpu{v.index}", daemon=True)
                          for v in self.vcpus]
         self._vcpus_running = len(self._threads)
-        for thread in self._threads:
-            thread.start()
         deadline = None if self.config.timeout is None else start + self.config.timeout
+        # SIGINT/SIGTERM wait while the vCPU threads start (they inherit the mask, so such signals always reach
+        # this thread): raised inside Thread.start(), the exception escaped this try and a started thread was
+        # never joined. Unblocked inside the try, a signal that came meanwhile stops the VM as any other.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _on_main_thread() else None
         try:
+            for thread in self._threads:
+                thread.start()
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                mask = None
             while not self._done.is_set():
                 if all(not t.is_alive() for t in self._threads):
                     break
@@ -269,6 +283,9 @@ class Machine:
             self._record_stop(VmStop("interrupted", "interrupted (SIGINT); VM stopped", ExitCode.INTERRUPTED))
         except _Terminate:
             self._record_stop(VmStop("interrupted", "terminated (SIGTERM); VM stopped", ExitCode.INTERRUPTED))
+        finally:
+            if mask is not None:  # Thread.start() failed
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._done.set()
         self._notify_stopping()
         self.kick_all()

@@ -11,16 +11,16 @@ header it comes from:
 - arch/x86/include/uapi/asm/svm.h: SVM_EXIT_* and SVM_VMGEXIT_* exit codes,
   SVM_IOIO_* intercept-info bits, SVM_EVTINJ_* event encoding.
 
-`GhcbPage` wraps a 4096-byte numpy uint8 view of guest memory (it never maps
-anything itself) and reads/writes fields through a cached u64 memoryview, the
-cheapest access path measured in CPython here.
+`GhcbPage` wraps a 4096-byte window of guest memory (it never maps anything
+itself): a memoryview from `GuestMemory.buffer()` in the VMGEXIT service, or any
+other unsigned-byte buffer such as a numpy uint8 view. It reads/writes fields
+through a cached u64 memoryview, the cheapest access path measured in CPython
+here, and needs no numpy (whose import would cost every sev-es-emu run ~30-90 ms).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
-
-import numpy as np
 
 GHCB_PAGE_SIZE = 4096
 
@@ -353,19 +353,24 @@ _VALID_Q = VALID_BITMAP // 8
 
 
 class GhcbPage:
-    """Field access over one 4096-byte GHCB page held in guest memory (a numpy uint8 view).
+    """Field access over one 4096-byte GHCB page held in guest memory: a one-dimensional unsigned-byte buffer
+    (a memoryview of format "B", a numpy uint8 view, a bytearray).
 
-    `q` is a u64 memoryview of the page (index = offset // 8) for hot-path readers;
+    `u8` is that buffer as given, `q` a u64 memoryview of it (index = offset // 8) for hot-path readers;
     the methods below are the readable API.
     """
 
     __slots__ = ("q", "u8")
 
-    def __init__(self, page: np.ndarray) -> None:
-        if page.dtype != np.uint8 or page.shape != (GHCB_PAGE_SIZE,):
+    def __init__(self, page) -> None:
+        try:
+            view = memoryview(page)
+        except TypeError:
+            raise ValueError("a GHCB page is a 4096-byte uint8 view") from None
+        if view.format != "B" or view.ndim != 1 or view.nbytes != GHCB_PAGE_SIZE or not view.c_contiguous:
             raise ValueError("a GHCB page is a 4096-byte uint8 view")
         self.u8 = page
-        self.q = memoryview(page).cast("Q")
+        self.q = view.cast("Q")
 
     def get(self, offset: int) -> int:
         if offset == CPL:
@@ -418,5 +423,6 @@ class GhcbPage:
         word = GHCB_USAGE >> 3
         self.q[word] = (self.q[word] & 0xFFFF_FFFF) | (value & 0xFFFF_FFFF) << 32
 
-    def shared_buffer(self) -> np.ndarray:
+    def shared_buffer(self):
+        """The shared buffer, sliced from `u8` (the same kind of buffer)."""
         return self.u8[SHARED_BUFFER:SHARED_BUFFER_END]

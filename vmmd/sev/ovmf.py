@@ -17,13 +17,19 @@ start with CS base = EIP & 0xffff0000 and RIP = EIP & 0xffff.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import uuid
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmmd.errors import VmmdError
 from vmmd.machine.layout import RESET_VECTOR_MAX_BYTES
-from vmmd.sev.vmsa import VcpuState, x86_reset_state
+
+if TYPE_CHECKING:
+    from vmmd.sev.vmsa import VcpuState
+
+# Light to import (the VMSA model is imported by the two reset-state functions only): the loader asks
+# is_ovmf_image() about every firmware image `vmctl run` starts, plain or not.
 
 FOUR_GIB = 1 << 32
 OVMF_TABLE_FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
@@ -94,9 +100,10 @@ class OvmfImage:
         return cls(data=raw, gpa=end_gpa - size, table=parse_footer_table(raw))
 
     @classmethod
-    def load(cls, path: str | Path, end_gpa: int = FOUR_GIB) -> OvmfImage:
+    def load(cls, path: str | os.PathLike, end_gpa: int = FOUR_GIB) -> OvmfImage:
         try:
-            raw = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read()
         except OSError as err:
             raise VmmdError(f"cannot read firmware image {path}: {err.strerror}") from None
         return cls.from_bytes(raw, end_gpa)
@@ -129,6 +136,8 @@ class OvmfImage:
 
 def bsp_reset_state(cpu_sig: int) -> VcpuState:
     """The BSP's start state: the plain x86 reset state (QEMU leaves the BSP alone for SEV-ES)."""
+    from vmmd.sev.vmsa import x86_reset_state
+
     return x86_reset_state(cpu_sig, cs_base=BSP_RESET_EIP & 0xFFFF0000, rip=BSP_RESET_EIP & 0xFFFF)
 
 
@@ -136,4 +145,6 @@ def ap_reset_state(reset_eip: int, cpu_sig: int) -> VcpuState:
     """An AP's start state: target/i386/sev.c sev_es_set_reset_vector() (selector stays 0xf000)."""
     if not 0 < reset_eip <= 0xFFFF_FFFF:
         raise VmmdError(f"SEV-ES AP reset EIP {reset_eip:#x} is not a 32-bit address")
+    from vmmd.sev.vmsa import x86_reset_state
+
     return x86_reset_state(cpu_sig, cs_base=reset_eip & 0xFFFF0000, rip=reset_eip & 0xFFFF)

@@ -17,6 +17,7 @@ LAUNCH_UPDATE_DATA, vCPU state, LAUNCH_UPDATE_VMSA, LAUNCH_MEASURE, LAUNCH_FINIS
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vmmd.errors import ExitCode, VmmdError, VmStop
 from vmmd.kvm import exits
@@ -26,18 +27,23 @@ from vmmd.machine.loader import LINUX, RESET_VECTOR, LoadedImage, entry_regs, lo
 from vmmd.machine.platform import MSR_GHCB, Platform, create_pc_irqchip
 from vmmd.machine.runloop import CONTINUE, VCPU_HALTED, ExitContext
 from vmmd.memory import GuestMemory
-from vmmd.sev import measure
 from vmmd.sev.cpu_types import DEFAULT_CPU_TYPE, decode_sig, resolve_cpu_sig
-from vmmd.sev.vmsa import VcpuState, program_vcpu
 
+if TYPE_CHECKING:
+    from vmmd.sev import measure
+    from vmmd.sev.vmsa import VcpuState
+
+# The launch-plan code (vmmd.sev.measure, vmmd.sev.vmsa, the OVMF parser; vmmd.sev.launch) is imported inside the
+# functions that use it: a `vmctl run -q` on sev-es-emu predicts no digest and never loads it (~15-25 ms).
 DEFAULT_HW_C_BIT = 51  # EPYC 7xx2/7xx3/9xx4 report C-bit 51 in CPUID 0x8000001F EBX[5:0]
+DEFAULT_SEVES_POLICY = 0x5  # NODBG | ES: vmmd.sev.measure.DEFAULT_SEVES_POLICY (tests/unit/test_flat_launch.py)
 
 
 @dataclass
 class LaunchInputs:
     """The launch choices that, with the image and vCPU count, determine the launch digest."""
 
-    policy: int = measure.DEFAULT_SEVES_POLICY
+    policy: int = DEFAULT_SEVES_POLICY
     # KVM_SEV_INIT2 (True) or legacy KVM_SEV_ES_INIT (False); None: the host decides, INIT2 where the kernel
     # has it (Linux 6.10+), else ES_INIT. A digest predicted without a host assumes INIT2 (`uses_init2`).
     init2: bool | None = None
@@ -70,6 +76,8 @@ def entry_states(image: LoadedImage, cr3: int, cpus: int) -> list[VcpuState]:
 
     CR4.OSXSAVE is assumed: every SEV-ES-capable EPYC has XSAVE, and the digest must not depend on the
     host that predicts it. XCR0 = x87 only (the flat firmware uses no SSE/AVX)."""
+    from vmmd.sev.vmsa import VcpuState
+
     return [VcpuState.from_kvm(entry_regs(image, index), long_mode_sregs(kvm_uapi.kvm_sregs(), cr3, xsave=True),
                                xcr0=1)
             for index in range(cpus)]
@@ -79,7 +87,9 @@ def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: in
                      inputs: LaunchInputs) -> measure.LaunchPlan:
     """The plan of a loaded flat image; the regions are copies of what the loader wrote (the launch encrypts
     guest memory in place)."""
-    regions = tuple(measure.MeasuredRegion(gpa, bytes(memory.view(gpa, size)), name)
+    from vmmd.sev import measure
+
+    regions = tuple(measure.MeasuredRegion(gpa, memory.read(gpa, size), name)
                     for gpa, size, name in image.measured_regions())
     states = entry_states(image, cr3, cpus)
     return measure.LaunchPlan(regions=regions,
@@ -92,6 +102,8 @@ def flat_launch_plan(memory: GuestMemory, image: LoadedImage, cr3: int, cpus: in
 def flat_image_digest(firmware, memory_bytes: int, cpus: int, inputs: LaunchInputs,
                       guest_arg: int = 0) -> tuple[bytes, measure.LaunchPlan]:
     """Offline: the launch digest of a flat firmware image for these inputs (no KVM needed)."""
+    from vmmd.sev import measure
+
     memory = GuestMemory.with_ram(memory_bytes)
     try:
         image, cr3 = load_flat_firmware(memory, firmware, "sev-es", cpus, 0, inputs.c_bit, guest_arg)
@@ -110,6 +122,7 @@ def linux_entry_state(image, cr3: int) -> VcpuState:
     """The boot vCPU of a direct Linux boot at the 64-bit entry point (vmmd.machine.linux), as its VMSA holds it:
     CR4.OSXSAVE and XCR0 = x87, as for flat images, so the digest does not depend on the predicting host."""
     from vmmd.machine.linux import linux_entry_regs, linux_entry_sregs
+    from vmmd.sev.vmsa import VcpuState
 
     return VcpuState.from_kvm(linux_entry_regs(image), linux_entry_sregs(kvm_uapi.kvm_sregs(), cr3, xsave=True),
                               xcr0=1)
@@ -119,9 +132,11 @@ def linux_launch_plan(memory: GuestMemory, image, cr3: int, inputs: LaunchInputs
     """The plan of a loaded direct Linux boot (docs/linux-boot.md): every region the loader wrote (zero page, GDT,
     page tables with the C-bit, command line, MP and ACPI tables, kernel, initrd) in ascending GPA order, then the
     boot vCPU's VMSA. One vCPU only (LINUX_APS_REFUSED)."""
+    from vmmd.sev import measure
+
     if image.cpus != 1:
         raise VmmdError(LINUX_APS_REFUSED)
-    regions = tuple(measure.MeasuredRegion(gpa, bytes(memory.view(gpa, size)), name)
+    regions = tuple(measure.MeasuredRegion(gpa, memory.read(gpa, size), name)
                     for gpa, size, name in image.measured_regions())
     return measure.LaunchPlan(regions=regions,
                               vcpus=measure.build_vcpu_launches([linux_entry_state(image, cr3)],
@@ -135,6 +150,7 @@ def linux_digest(config, inputs: LaunchInputs) -> tuple[bytes, measure.LaunchPla
     """Offline: the launch digest of a direct Linux boot of `config` (kernel, initrd, append, memory, cpus,
     devices) for these inputs (no KVM needed)."""
     from vmmd.machine.machine import load_kernel
+    from vmmd.sev import measure
 
     if config.cpus != 1:
         raise VmmdError(LINUX_APS_REFUSED)
@@ -151,7 +167,9 @@ def reset_vector_plan(memory: GuestMemory, image: LoadedImage, cpus: int, cpu_si
                       inputs: LaunchInputs) -> measure.LaunchPlan:
     """An OVMF-style image as QEMU launches it (measure.build_ovmf_plan): the image, then BSP + AP VMSAs.
     VmmdError when the image lacks the SEV-ES reset block an SEV-ES launch needs."""
-    data = memory.view(image.image_gpa, image.image_size)
+    from vmmd.sev import measure
+
+    data = memory.buffer(image.image_gpa, image.image_size)
     return measure.build_ovmf_plan(data, cpus, cpu_sig, init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features,
                                    policy=inputs.policy)
 
@@ -182,7 +200,7 @@ def emulated_launch(machine, inputs: LaunchInputs):
     if machine.image.kind == RESET_VECTOR:
         copy = GuestMemory()
         copy.add_slot(machine.image.image_gpa, machine.image.image_size)
-        copy.write(machine.image.image_gpa, machine.memory.view(machine.image.image_gpa, machine.image.image_size))
+        copy.write(machine.image.image_gpa, machine.memory.buffer(machine.image.image_gpa, machine.image.image_size))
     else:
         copy = GuestMemory.with_ram(cfg.memory_bytes)
     try:
@@ -226,6 +244,9 @@ class SevEsEmuPlatform(Platform):
     def __init__(self, inputs: LaunchInputs | None = None) -> None:
         self.assumed = ""  # what the reported digest assumes, in words (set by emulated_launch)
         self.inputs = inputs or LaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
+        # False: launch() predicts no digest (launch_result None), for callers that show none (`vmctl run -q`)
+        self.predict_digest = True
+        self.launch_result = None
 
     def attach(self, machine, ctx: ExitContext) -> None:
         from vmmd.sev.vmgexit import VmgexitAction, VmgexitService  # imported by the guests that use it
@@ -250,12 +271,13 @@ class SevEsEmuPlatform(Platform):
             super().handle_msr(vcpu, ex)
 
     def launch(self, machine) -> None:
-        """Run the SEV-ES launch sequence against the software model to report the hardware's launch digest."""
+        """Run the SEV-ES launch sequence against the software model to report the hardware's launch digest
+        (unless `predict_digest` is off: nothing the guest sees depends on it)."""
         if machine.image.kind == LINUX:
             machine.notes.append("a Linux kernel does not know sev-es-emu's doorbell (its VMGEXIT is `rep vmmcall`, "
                                  "which only SEV-ES hardware services): it boots unencrypted as on plain, and the "
                                  "digest below is what the sev-es launch of the same boot measures")
-        self.launch_result = emulated_launch(machine, self.inputs)
+        self.launch_result = emulated_launch(machine, self.inputs) if self.predict_digest else None
 
     def release(self, machine) -> None:
         service = getattr(self, "service", None)
@@ -325,6 +347,7 @@ class SevEsPlatform(Platform):
 
     def launch(self, machine) -> None:
         from vmmd.sev.launch import SevEsLaunch
+        from vmmd.sev.vmsa import program_vcpu
 
         if machine.image.kind == RESET_VECTOR:
             plan = reset_vector_plan(machine.memory, machine.image, machine.config.cpus, machine.cpuid.lookup(1)[0],

@@ -16,7 +16,8 @@ answers them (SW_EXITINFO1 = 2, SW_EXITINFO2 = GHCB_ERR_*, or SW_EXITINFO1 = 1
 with an exception event); where KVM makes KVM_RUN fail or exits to userspace
 with KVM_SYSTEM_EVENT_SEV_TERM, the VM is stopped with `VmStop`. Nothing else
 ever escapes `vmgexit()`. Guest memory is only reached through
-`GuestMemory.view()`. docs/ghcb-events.md lists every event and decision.
+`GuestMemory.buffer()` (bounds-checked memoryviews: no numpy on the start path of
+a sev-es-emu run). docs/ghcb-events.md lists every event and decision.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from typing import Any, Protocol
-
-import numpy as np
 
 from vmmd.devices.bus import MmioBus, PortBus
 from vmmd.errors import ExitCode, GuestMemoryError, VmStop
@@ -203,7 +202,7 @@ class VmgexitService:
         # per vCPU (each runs on its own thread): the serviced event's SW_SCRATCH and CPL as sync_from_ghcb took
         # them, and the scratch bounce buffer to write back after it
         self._event: list[tuple[int, int]] = [(0, 0)] * vcpu_count
-        self._bounce: list[tuple[int, np.ndarray] | None] = [None] * vcpu_count
+        self._bounce: list[tuple[int, memoryview] | None] = [None] * vcpu_count
         self._handlers: dict[int, tuple[Callable[..., _Result], int]] = {
             g.SVM_EXIT_READ_DR7: (self._nop, 0),
             g.SVM_EXIT_WRITE_DR7: (self._nop, _V_RAX),
@@ -254,6 +253,8 @@ class VmgexitService:
         for cached in self._pages:
             if cached is not None:
                 cached[1].q.release()
+                if isinstance(cached[1].u8, memoryview):
+                    cached[1].u8.release()
         self._pages = [None] * len(self._pages)
 
     def ap_reset_hold_pending(self, vcpu_index: int) -> bool:
@@ -312,7 +313,7 @@ class VmgexitService:
         if gpa == 0:
             raise _violation(f"vCPU {i} rang the VMGEXIT doorbell with no GHCB registered (GHCB MSR = 0)")
         try:
-            view = self.memory.view(gpa, g.GHCB_PAGE_SIZE)
+            view = self.memory.buffer(gpa, g.GHCB_PAGE_SIZE)
         except GuestMemoryError:
             raise _violation(f"vCPU {i}: GHCB GPA {gpa:#x} is not inside guest RAM") from None
         if self._read_only(gpa):
@@ -398,7 +399,7 @@ class VmgexitService:
         q[_Q_BITMAP + 1] |= _V_GPR_HI
         return result[2]
 
-    def _span(self, gpa: int, length: int) -> list[np.ndarray] | None:
+    def _span(self, gpa: int, length: int) -> list[memoryview] | None:
         """Views of [gpa, gpa+length) across memory slots that follow each other without a gap, as kvm_read_guest()
         and kvm_write_guest() walk guest pages slot by slot; None when any byte is outside every slot."""
         views = []
@@ -408,18 +409,19 @@ class VmgexitService:
             if slot is None:
                 return None
             size = min(end, slot.end_gpa) - pos
-            views.append(self.memory.view(pos, size))
+            views.append(self.memory.buffer(pos, size))
             pos += size
         return views
 
-    def _write_span(self, gpa: int, data: np.ndarray) -> None:
+    def _write_span(self, gpa: int, data: memoryview) -> None:
         offset = 0
         for view in self._span(gpa, len(data)) or ():
             view[:] = data[offset:offset + len(view)]
             offset += len(view)
 
-    def _scratch(self, i: int, page: g.GhcbPage, gpa: int, length: int, sync: bool) -> np.ndarray | None:
-        """setup_vmgexit_scratch(): the scratch area as a uint8 array, or None for GHCB_ERR_INVALID_SCRATCH_AREA.
+    def _scratch(self, i: int, page: g.GhcbPage, gpa: int, length: int, sync: bool) -> memoryview | None:
+        """setup_vmgexit_scratch(): the scratch area as a writable byte memoryview, or None for
+        GHCB_ERR_INVALID_SCRATCH_AREA.
 
         Inside the GHCB page it must lie wholly in the shared buffer and is used in place. Outside, it may be at
         most 16 pages; it is copied into a bounce buffer (kvm_read_guest(): across adjacent memory slots, never
@@ -436,18 +438,18 @@ class VmgexitService:
             if begin < gpa + g.SHARED_BUFFER or end > gpa + g.SHARED_BUFFER_END:
                 return None
             offset = begin - gpa
-            return page.u8[offset:offset + length]
+            return memoryview(page.u8)[offset:offset + length]
         if length > GHCB_SCRATCH_AREA_LIMIT:
             return None
         if not length:
-            return np.empty(0, np.uint8)
+            return memoryview(bytearray())
         views = self._span(begin, length)
         if views is None:
             raise _violation(f"scratch area {begin:#x}+{length:#x} is outside guest RAM "
                              "(KVM: kvm_read_guest() fails, KVM_RUN returns EFAULT)")
         if sync and any(self._read_only(begin + off) for off in _piece_starts(views)):
             raise _violation(f"scratch area {begin:#x}+{length:#x} to be written is in a read-only slot")
-        bounce = views[0].copy() if len(views) == 1 else np.concatenate(views)
+        bounce = memoryview(bytearray(views[0]) if len(views) == 1 else bytearray(b"".join(views)))
         if sync:
             self._bounce[i] = (begin, bounce)
         return bounce
@@ -535,8 +537,7 @@ class VmgexitService:
             return _INVALID_SCRATCH
         if is_in:
             read = self.port_bus.read
-            data = b"".join(read(port, size).to_bytes(size, "little") for _ in range(count))
-            buffer[:] = np.frombuffer(data, np.uint8)
+            buffer[:] = b"".join(read(port, size).to_bytes(size, "little") for _ in range(count))
         else:
             data = buffer.tobytes()
             write = self.port_bus.write
@@ -648,7 +649,7 @@ class VmgexitService:
         for offset in range(0, info2, 8):  # KVM_EXIT_MMIO fragments of at most 8 bytes
             size = min(8, info2 - offset)
             data += read(info1 + offset, size).to_bytes(size, "little")
-        buffer[:] = np.frombuffer(bytes(data), np.uint8)
+        buffer[:] = data
         return _OK
 
     def _mmio_write(self, i: int, vcpu: object, page: g.GhcbPage, gpa: int, bitmap: int, info1: int, info2: int,
