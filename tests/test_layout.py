@@ -19,7 +19,8 @@ import pytest
 from tests.layout_check import LayoutReport, check_module, linux_version, release
 
 MODULES = ["vmmd.kvm.uapi", "vmmd.kvm.ioctls", "vmmd.sev.uapi", "vmmd.machine.bootinfo", "vmmd.machine.bootparam",
-           "vmmd.net.vhost_uapi", "vmmd.devices.virtio_blk"]
+           "vmmd.net.vhost_uapi", "vmmd.devices.virtio_blk",
+           "vmmd.devices.uring"]
 KERNEL_MODULES = [m for m in MODULES if m != "vmmd.machine.bootinfo"]  # bootinfo mirrors firmware/include
 REPO = Path(__file__).resolve().parent.parent
 # The Makefile's NEWER_UAPI (target uapi-headers): keep the two in step.
