@@ -25,6 +25,7 @@ LAZY_COMMANDS = {
     "host": ("vmmd.cli.run", "host"),
     "measure": ("vmmd.cli.measure", "measure_cmd"),
     "verify": ("vmmd.cli.measure", "verify_cmd"),
+    "owner": ("vmmd.cli.owner", "owner_cmd"),
     **{name: ("vmmd.cli.daemon", f"{name}_cmd") for name in ("start", "stop", "list", "status", "show", "console",
                                                               "log", "remove", "reload")},
 }

@@ -353,4 +353,34 @@ def secret_cmd(tek: Path, tik: Path, measurement: str, secret: Path, guid: str, 
                f"inject-secret NAME --header {paths[0]} --secret {paths[1]}")
 
 
+def export_pdh(directory: Path) -> list[str]:
+    """`vmctl host --export-pdh DIR`: the platform's PDH certificate for a guest owner (sevctl export's role).
+
+    With SEV hardware: SEV_PDH_CERT_EXPORT, written as pdh.cert and cert_chain.cert (PEK ‖ OCA ‖ CEK, as the
+    firmware returns it). Without: the simulated PSP's (vmmd/sev/simpsp.py) pdh.cert and pek.cert."""
+    from vmmd.platforms import sev_es_unavailable_reason
+
+    reason = sev_es_unavailable_reason()
+    if reason is None:
+        from vmmd.sev.psp import Psp
+
+        with Psp() as psp:
+            pdh, chain = psp.pdh_cert_export()
+        files = {"pdh.cert": pdh, "cert_chain.cert": chain}
+        note = "from this host's SEV firmware (SEV_PDH_CERT_EXPORT)"
+    else:
+        from vmmd.sev import simpsp
+
+        sim = simpsp.load()
+        files = {"pdh.cert": sim.pdh_cert(), "pek.cert": sim.pek_cert()}
+        note = f"no SEV-ES here ({reason}): this is the {simpsp.NOTE}"
+    target = _out_dir(directory)
+    for name in files:
+        if (target / name).exists():
+            raise VmmdError(f"{target / name} exists already: vmctl never replaces a file; choose another directory")
+    for name, data in files.items():
+        _write_new(target / name, data)
+    return [f"wrote {', '.join(str(target / n) for n in files)}", note]
+
+
 __all__ = ["owner_cmd", "parse_policy", "load_dh_cert", "load_session", "ExitCode"]

@@ -198,9 +198,23 @@ def _run(o: SimpleNamespace) -> None:
 @click.command("host")
 @click.option("--memory", "-m", default=None, help="also check RLIMIT_MEMLOCK against a guest of this size")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-def host(memory: str | None, as_json: bool) -> None:
+@click.option("--export-pdh", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="write the platform's PDH certificate (and chain) to DIR for a guest owner (vmctl owner session)")
+def host(memory: str | None, as_json: bool, export_pdh: str | None) -> None:
     """What this host can run (plain, sev-es-emu, sev-es) and, where not, why."""
     import json
+
+    if export_pdh is not None:
+        from pathlib import Path
+
+        from vmmd.cli.owner import export_pdh as export
+
+        try:
+            lines = export(Path(export_pdh))
+        except VmmdError as err:
+            _fail(str(err), err.exit_code)
+        click.echo("\n".join(f"vmctl: {line}" for line in lines))
+        return
 
     from vmmd.machine.config import parse_size
     from vmmd.sev.host import format_host_report, host_report

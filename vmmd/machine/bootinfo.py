@@ -34,7 +34,8 @@ class vmmd_bootinfo(ctypes.Structure):
                 ("console_port", u16), ("debug_exit_port", u16), ("doorbell_port", u16), ("reserved0", u16),
                 ("ghcb_gpa", u64), ("shared_gpa", u64), ("shared_size", u64), ("c_bit", u32),
                 ("mem_range_count", u32), ("mem_ranges", vmmd_mem_range * VMMD_MAX_MEM_RANGES),
-                ("guest_arg", u64), ("mmio_testdev_gpa", u64), ("virtio_net_gpa", u64)]
+                ("guest_arg", u64), ("mmio_testdev_gpa", u64), ("virtio_net_gpa", u64),
+                ("secret_gpa", u64), ("secret_size", u64)]
 
 
 LAYOUT_HEADERS = ["bootinfo.h"]

@@ -283,6 +283,8 @@ def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_
                             doorbell_port=doorbell_port, ghcb_gpa=area.ghcb_gpa, shared_gpa=L.SHARED_GPA,
                             shared_size=L.SHARED_SIZE, c_bit=c_bit, guest_arg=guest_arg & (2**64 - 1),
                             mmio_testdev_gpa=L.MMIO_TESTDEV_GPA, virtio_net_gpa=virtio_net_gpa)
+    if platform != "plain":  # where an attested launch's secret goes (vmctl inject-secret's default GPA)
+        info.secret_gpa, info.secret_size = L.SECRET_GPA, L.SECRET_SIZE
     ranges = [(0, L.FIRMWARE_LOAD_GPA, bi.VMMD_MEM_RESERVED)]
     for gpa, size in memory.ranges():
         start = max(gpa, L.FIRMWARE_LOAD_GPA)
