@@ -26,7 +26,7 @@ from vmmd.errors import ExitCode, VmmdError
 
 # The GUID vmctl owner secret files a secret under when --guid is not given (random, vmmd's own). OVMF hands
 # entries to whoever asks for their GUID; vmmd's secret-reading guest (firmware/secret.c) prints every entry.
-VMMD_SECRET_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
+VMMD_SECRET_GUID = uuid.UUID("4cfc9864-20a6-409f-b9a4-378dd6bb3567")
 SIMULATED_NOTE = ("this measurement comes from vmmd's simulated PSP (platform sev-es-emu): it proves nothing about "
                   "the host")
 
@@ -56,35 +56,16 @@ def read_file(path: Path, what: str, limit: int = 1 << 20) -> bytes:
     return data
 
 
-def decode_base64_file(data: bytes, path: object, what: str, size: int) -> bytes:
-    """A base64 file (whitespace ignored) that must decode to exactly `size` bytes."""
-    text = b"".join(data.split())
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise VmmdError(f"the {what} file {path} is not valid base64 (sevctl and vmctl owner session write "
-                        "it base64-encoded)") from None
-    if len(raw) != size:
-        raise VmmdError(f"the {what} file {path} decodes to {len(raw)} bytes; a {what} is {size} ({size:#x}) bytes")
-    return raw
-
-
 def load_dh_cert(path: Path) -> bytes:
-    from vmmd.sev import sevcert
+    from vmmd.sev.attest import check_dh_cert
 
-    raw = decode_base64_file(read_file(path, "guest-owner DH certificate"), path, "guest-owner DH certificate",
-                             sevcert.CERT_SIZE)
-    try:
-        sevcert.SevCert.decode(raw)
-    except sevcert.CertError as err:
-        raise VmmdError(f"the guest-owner DH certificate {path} is not an SEV certificate: {err}") from None
-    return raw
+    return check_dh_cert(read_file(path, "guest-owner DH certificate"), path)
 
 
 def load_session(path: Path) -> bytes:
-    from vmmd.sev.owner import SESSION_SIZE
+    from vmmd.sev.attest import check_session
 
-    return decode_base64_file(read_file(path, "launch session"), path, "launch session", SESSION_SIZE)
+    return check_session(read_file(path, "launch session"), path)
 
 
 def _read_key(path: Path, what: str) -> bytes:
@@ -108,6 +89,8 @@ def _read_pdh(path: Path):
 
     data = read_file(path, "PDH certificate")
     if len(data) != sevcert.CERT_SIZE:  # sevctl export writes it raw; accept base64 too
+        from vmmd.sev.attest import decode_base64_file
+
         data = decode_base64_file(data, path, "PDH certificate", sevcert.CERT_SIZE)
     try:
         return sevcert.SevCert.decode(data)
@@ -351,6 +334,29 @@ def secret_cmd(tek: Path, tik: Path, measurement: str, secret: Path, guid: str, 
         return
     click.echo(f"wrote {paths[0]} ({len(header)} bytes) and {paths[1]} ({len(payload)} bytes); inject with: vmctl "
                f"inject-secret NAME --header {paths[0]} --secret {paths[1]}")
+
+
+def apply_launch_options(platform, policy: str | None, dh_cert: str | None, session: str | None,
+                         attest: bool) -> None:
+    """`vmctl run --policy/--dh-cert/--session/--attest` into the platform's launch inputs."""
+    if attest:
+        raise VmmdError("--attest waits for the guest owner, which needs the daemon to answer vmctl measurement / "
+                        "inject-secret / resume: put attest = true in a guest definition and use vmctl start")
+    if policy is None and dh_cert is None and session is None:
+        return
+    inputs = getattr(platform, "inputs", None)
+    if inputs is None or not hasattr(inputs, "dh_cert"):
+        raise VmmdError(f"--policy, --dh-cert and --session set the SEV launch; platform {platform.name} has none "
+                        "(use -p sev-es or -p sev-es-emu)")
+    if (dh_cert is None) != (session is None):
+        raise VmmdError("--dh-cert and --session go together: the guest owner's certificate and session blob")
+    if policy is not None:
+        from vmmd.sev.launch import check_policy
+
+        inputs.policy = parse_policy(policy)
+        check_policy(inputs.policy, None)
+    if dh_cert is not None:
+        inputs.dh_cert, inputs.session = load_dh_cert(Path(dh_cert)), load_session(Path(session))
 
 
 def export_pdh(directory: Path) -> list[str]:
