@@ -217,6 +217,7 @@ def test_foreground_run_takes_the_owner_session(world):
     ok = _cli("run", guest("secret"), "-p", "sev-es-emu", "-m", "4M", "-t", "30", "--dh-cert",
               str(owner / "vm_godh.b64"), "--session", str(owner / "vm_session.b64"))
     assert "none injected" in ok.stdout and ok.returncode == 1, ok.stdout + ok.stderr  # exit 3: the empty page
+    assert "unwrapped the guest owner's session with the simulated PSP" in ok.stderr and "proves nothing" in ok.stderr
     bad = _cli("run", guest("secret"), "-p", "sev-es-emu", "-m", "4M", "--policy", "NODBG,NOKS", "--dh-cert",
                str(owner / "vm_godh.b64"), "--session", str(owner / "vm_session.b64"))
     assert bad.returncode == 3 and "SEV_RET_POLICY_FAILURE" in bad.stderr, bad.stderr

@@ -192,3 +192,45 @@ def test_owner_session_round_trip_through_the_pdh() -> None:
     other = ec.generate_private_key(ec.SECP384R1())
     with pytest.raises(owner.MacMismatch, match="WRAP_MAC"):
         owner.unwrap_session(owner.shared_secret(other, godh), owner.SessionBlob.decode(session.session), 0x5)
+
+
+# --- real AMD certificates: virtee/sev tests/{naples,rome}/pdh.cert and pek.cert ---------------------------------
+# Their numbers transcribed (P-384 coordinates and the PEK's ECDSA signature over the PDH body, as integers), and
+# the SHA-256 of each pdh.cert file: rebuilt with vmmd's encoder, the certificate must be those very bytes and the
+# AMD firmware's signature must verify over vmmd's idea of the body.
+AMD_PDH = {
+    "naples": dict(
+        api=(0, 16), sha256="34b11563c32bd17b4e2b4b8205301af64e7bd06a85e2a6ada789bc9d5dfd9932",
+        x=0x36024908d6d5b6a134c1c9aff652c39eaec13f3afeb487ac6210f119199e08e677245f8f4fe9c63ad525245457205295,
+        y=0x3ec89bb2111b4297695805b4111982f44540f44bc45e5c19719dd726a1e05bb450a41736f6d21d84e92aab209ff16f03,
+        r=0x928cdd2ad9d404df36951a83bf19017351841222c0a1ec5fde2020fa5bc75a8ecb729e8bce1e2a03ad47a23295cb2e5,
+        s=0x5053647581e5ad17782f67cbbf7f4211a76081855b21d2030946e8ebb6f1e1ebc6a504632cf7a7bce7f8d5b6d912b69e,
+        pek_x=0xb162f254ba358c4fa62dfe70c23c2d167c0033933744cb80d8c40afa677371fbb81f326c36f624fb5fdd7a2fda31532b,
+        pek_y=0xa2ae9c53b7e8f865ace73e37d7df0ee8f2727bfd21bd4f8d89667cd2571d646899e0319a28f992ac53311636e343ef97),
+    "rome": dict(
+        api=(0, 22), sha256="62147c9375cb6cee32dbbf957d1b427e660c6dab2e6637c5f6c0e2c8f3345eed",
+        x=0x40c3372aec5c7272f4f23b35880fc9efc2aca2d0e1103a5a2794780e624c2e0962ad942923969ef534b4be3f88bfac7,
+        y=0xb638c93a699224fed2d4cb4bf9c4d23b5c8345c00561215fdd69d2ad244425d746089827631603ecc1db2b46aa902c07,
+        r=0x56f97afe0b68cdc7d184122cad4d1e6f899bccb5b18553740aeec17b8691a0541d673d66648642211a17a0b9dbfab5c4,
+        s=0xf5f60d7432022af79fb5b66c427341ce8da4740e1736cf19681452694bb2cfa1adec9cab06a504149e28770da985f2d5,
+        pek_x=0x20481a12e369cbf1a355d90f94440400fd0eb28e17bbc5d474c9eb1f3c46764c0fabc1323764ddb2ec20954774ea2622,
+        pek_y=0xd953458a1af90acac7596313af56e01d1c78b3e568e382d9108feac0d7efcec25d1da0ec146501bd02182448af352cf3),
+}
+
+
+@pytest.mark.parametrize("generation", sorted(AMD_PDH))
+def test_amd_pdh_certificates_rebuild_and_verify(generation: str) -> None:
+    import hashlib
+
+    v = AMD_PDH[generation]
+    pdh = sevcert.SevCert(sevcert.Usage.PDH, sevcert.Algo.ECDH_SHA256, sevcert.Curve.P384, v["x"], v["y"], *v["api"],
+                          sigs=(sevcert.Signature(sevcert.Usage.PEK, sevcert.Algo.ECDSA_SHA256, v["r"], v["s"]),
+                                sevcert.EMPTY_SIGNATURE))
+    raw = pdh.encode()
+    assert hashlib.sha256(raw).hexdigest() == v["sha256"]  # byte for byte the file virtee/sev ships
+    assert sevcert.SevCert.decode(raw) == pdh
+    pek = sevcert.SevCert(sevcert.Usage.PEK, sevcert.Algo.ECDSA_SHA256, sevcert.Curve.P384, v["pek_x"], v["pek_y"])
+    sevcert.verify_signed_by(pdh, pek)  # the platform's own signature over the body as vmmd lays it out
+    # and a session made for that real PDH has the layout LAUNCH_START takes
+    made = owner.make_session(pdh, 0x5)
+    assert len(made.godh) == 0x824 and len(made.session) == 128

@@ -248,6 +248,10 @@ def emulated_launch(machine, inputs: LaunchInputs):
         launch = SevEsLaunch(model, plan, dh_cert=inputs.dh_cert, session=inputs.session)
         result = run_launch(machine.platform, launch, lambda plan: None, simulated=True,
                             secret_area=secret_area(machine))
+        if inputs.dh_cert:
+            from vmmd.sev.simpsp import NOTE
+
+            machine.notes.append(f"LAUNCH_START unwrapped the guest owner's session with the {NOTE}")
         if result.expected_digest != model.launch_digest:
             raise VmmdError("the software model's launch digest differs from the plan's: vmmd bug")
         return result
