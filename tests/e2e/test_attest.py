@@ -108,6 +108,10 @@ def test_owner_workflow_and_refusals(world):
     wrong = _cli("owner", "verify", "--measurement", str(root / "m.json"), "--tik", str(root / "wrong_tik.bin"),
                  "--digest", digest)
     assert wrong.returncode == 1 and "MISMATCH" in wrong.stdout, wrong.stdout
+    # the owner may predict the digest itself, as vmctl measure does
+    predicted = _cli("owner", "verify", "--measurement", str(root / "m.json"), "--tik", tik, "--firmware",
+                     guest("secret"), "--memory", "4M", "--allow-replay")
+    assert predicted.returncode == 0 and predicted.stdout.startswith("match:"), predicted.stdout
     # the same measurement offered again (a replayed MNONCE) is refused
     replay = _cli("owner", "verify", "--measurement", str(root / "m.json"), "--tik", tik, "--digest", digest)
     assert replay.returncode == 1 and "REFUSED" in replay.stdout and "replayed" in replay.stdout, replay.stdout
@@ -223,3 +227,27 @@ def test_foreground_run_takes_the_owner_session(world):
     assert bad.returncode == 3 and "SEV_RET_POLICY_FAILURE" in bad.stderr, bad.stderr
     attest = _cli("run", guest("secret"), "-p", "sev-es-emu", "--attest")
     assert attest.returncode == 3 and "vmctl start" in attest.stderr, attest.stderr
+
+
+OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"  # Debian's ovmf (make deps installs it)
+
+
+@pytest.mark.timeout(120)
+def test_ovmf_image_needs_a_gpa_and_takes_one(world):
+    daemon, root, owner, _ = world
+    (daemon.defs / "ovmf.toml").write_text(
+        f'firmware = "{OVMF}"\nmemory = "64M"\nplatform = "sev-es-emu"\nattest = true\ntimeout = 60\n'
+        f'dh_cert = "{owner / "vm_godh.b64"}"\nsession = "{owner / "vm_session.b64"}"\n')
+    info = _start_paused(daemon, "ovmf")
+    assert info["secret_gpa"] is None  # Debian's generic OVMF declares its SEV secret block with base 0
+    (root / "m-ovmf.json").write_text(json.dumps(info))
+    verified = _cli("owner", "verify", "--measurement", str(root / "m-ovmf.json"), "--tik", str(owner / "vm_tik.bin"),
+                    "--firmware", OVMF)
+    assert verified.returncode == 0 and verified.stdout.startswith("match:"), verified.stdout + verified.stderr
+    header, payload = _secret(root, owner, info, "ovmf")
+    no_gpa = daemon.vmctl("inject-secret", "ovmf", "--header", str(header), "--secret", str(payload))
+    assert no_gpa.returncode == 3 and "give the guest address with --gpa" in no_gpa.stderr.decode()
+    with_gpa = daemon.vmctl("inject-secret", "ovmf", "--header", str(header), "--secret", str(payload),
+                            "--gpa", "0x800000")
+    assert with_gpa.returncode == 0 and "at 0x800000" in with_gpa.stdout.decode(), with_gpa.stderr
+    assert daemon.vmctl("stop", "ovmf").returncode == 0

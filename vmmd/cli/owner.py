@@ -192,18 +192,23 @@ def _seen_file(tik: Path) -> Path:
 @click.option("--tik", type=click.Path(path_type=Path, dir_okay=False), required=True)
 @click.option("--digest", help="the expected launch digest (hex or base64), e.g. from vmctl measure")
 @click.option("--firmware", "plan_source", type=click.Path(path_type=Path, dir_okay=False),
-              help="instead of --digest: predict it from this image or guest definition, as vmctl measure does")
+              help="instead of --digest: predict it from this image (flat or OVMF) or guest definition (.toml), as "
+                   "vmctl measure does")
 @click.option("--memory", default="64M", show_default=True, help="with --firmware: guest RAM")
 @click.option("--vcpus", type=int, default=1, show_default=True, help="with --firmware: vCPUs")
-@click.option("--guest-arg", type=str, default="0", show_default=True, help="with --firmware (flat image)")
+@click.option("--cpu-type", default=None, help="with --firmware, OVMF: the CPU model (as vmctl measure)")
+@click.option("--init2/--legacy-init", default=True, show_default=True,
+              help="with --firmware: the KVM init path the digest assumes (as vmctl measure)")
+@click.option("--c-bit", type=click.IntRange(32, 63), default=51, show_default=True,
+              help="with --firmware: the host's C-bit position (flat images' page tables carry it)")
 @click.option("--policy", default="0x5", show_default=True, help="the policy the session was made for")
 @click.option("--api-version", help="SEV firmware API MAJ.MIN (default: from the --json measurement)")
 @click.option("--build", "build_id", type=click.IntRange(0, 255), help="firmware build (default: from the JSON)")
 @click.option("--allow-replay", is_flag=True, help="do not refuse an MNONCE this TIK has seen before")
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(measurement: str, tik: Path, digest: str | None, plan_source: Path | None, memory: str, vcpus: int,
-               guest_arg: str, policy: str, api_version: str | None, build_id: int | None, allow_replay: bool,
-               as_json: bool) -> None:
+               cpu_type: str | None, init2: bool, c_bit: int, policy: str, api_version: str | None,
+               build_id: int | None, allow_replay: bool, as_json: bool) -> None:
     """Check LAUNCH_MEASURE with the session's TIK: exit 0 on a match, 1 on a mismatch or a replayed nonce. Each
     MNONCE that verifies is recorded beside the TIK (NAME_tik.mnonces) and refused the next time."""
     from vmmd.cli.measure import _api_version
@@ -225,7 +230,7 @@ def verify_cmd(measurement: str, tik: Path, digest: str | None, plan_source: Pat
         if "policy" in info and int(info["policy"]) != policy_value:
             raise VmmdError(f"the host reports policy {int(info['policy']):#x} but the session was made for "
                             f"{policy_value:#x} (--policy): refused")
-        expected_digest = _expected_digest(digest, plan_source, memory, vcpus, guest_arg, policy_value)
+        expected_digest = _expected_digest(digest, plan_source, memory, vcpus, cpu_type, init2, c_bit, policy_value)
         result = verify(blob, _read_key(tik, "TIK"), digest=expected_digest, api_major=major, api_minor=minor,
                         build=build_id, policy=policy_value)
         replayed = False
@@ -265,8 +270,8 @@ def verify_cmd(measurement: str, tik: Path, digest: str | None, plan_source: Pat
     sys.exit(0 if ok else 1)
 
 
-def _expected_digest(digest: str | None, plan_source: Path | None, memory: str, vcpus: int, guest_arg: str,
-                     policy: int) -> bytes:
+def _expected_digest(digest: str | None, plan_source: Path | None, memory: str, vcpus: int, cpu_type: str | None,
+                     init2: bool, c_bit: int, policy: int) -> bytes:
     if (digest is None) == (plan_source is None):
         raise VmmdError("give the expected launch digest with --digest, or --firmware to predict it (one of them)")
     if digest is not None:
@@ -279,19 +284,11 @@ def _expected_digest(digest: str | None, plan_source: Path | None, memory: str, 
             if len(value) == 32:
                 return value
         raise VmmdError("--digest must be 32 bytes in hex (64 digits) or base64")
-    from vmmd.machine.config import parse_size
+    from vmmd.cli.measure import _plan  # the plan `vmctl measure` predicts: flat, OVMF or a definition
+    from vmmd.sev.cpu_types import DEFAULT_CPU_TYPE
     from vmmd.sev.measure import launch_digest
-    from vmmd.sev.platform import LaunchInputs, flat_image_digest
 
-    try:
-        arg = int(guest_arg, 0)
-    except ValueError:
-        raise VmmdError(f"--guest-arg {guest_arg!r} is not a number") from None
-    try:
-        digest_bytes, plan = flat_image_digest(plan_source, parse_size(memory), vcpus, LaunchInputs(policy=policy),
-                                               arg)
-    except ValueError as err:
-        raise VmmdError(str(err)) from None
+    plan, _ = _plan(plan_source, vcpus, cpu_type or DEFAULT_CPU_TYPE, hex(policy), init2, "0", memory, c_bit)
     return launch_digest(plan)
 
 
