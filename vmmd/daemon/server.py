@@ -536,8 +536,10 @@ class Daemon:
                 guest.build_seconds = info.get("build_seconds")
                 guest.attest = info.get("attest")
                 if guest.attest is not None:
-                    self.registry.log_event(guest, "attested launch: measured, waiting for the guest owner "
-                                                   "(vmctl measurement / inject-secret / resume)")
+                    simulated = " (by the simulated PSP: proves nothing about this host)" \
+                        if guest.attest.get("simulated") else ""
+                    self.registry.log_event(guest, f"attested launch: measured{simulated}, waiting for the guest "
+                                                   "owner (vmctl measurement / inject-secret / resume)")
                 if guest.state == "starting":
                     guest.state = "running"
                 self.registry.log_event(guest, f"running: {info['note']}")
