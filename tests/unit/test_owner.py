@@ -57,6 +57,23 @@ def test_session_files_are_sevctls_and_unwrap_on_the_platform(platform, tmp_path
     assert (out / "vm_tik.bin").read_bytes() == tik
 
 
+def test_session_checks_the_pdh_signature_when_given_the_pek(platform, tmp_path: Path) -> None:
+    psp, pdh = platform
+    pek = tmp_path / "pek.cert"
+    pek.write_bytes(psp.pek_cert())
+    ok = _vmctl("owner", "session", "--pdh", str(pdh), "--pek", str(pek), "--out", str(tmp_path / "a"))
+    assert ok.exit_code == 0, ok.output
+    chain = tmp_path / "chain.cert"
+    chain.write_bytes(pdh.read_bytes() + pek.read_bytes())  # sevctl export's order: PDH, PEK, ...
+    from_chain = _vmctl("owner", "session", "--pdh", str(pdh), "--pek", str(chain), "--out", str(tmp_path / "b"))
+    assert from_chain.exit_code == 0, from_chain.output
+    other = tmp_path / "other.cert"
+    other.write_bytes(simpsp.load(tmp_path / "other-psp").pek_cert())
+    refused = _vmctl("owner", "session", "--pdh", str(pdh), "--pek", str(other), "--out", str(tmp_path / "c"))
+    assert refused.exit_code == 3 and "not signed by the PEK" in refused.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_session_refuses_what_is_not_a_pdh(platform, tmp_path: Path) -> None:
     psp, _ = platform
     pek = tmp_path / "pek.cert"

@@ -156,7 +156,10 @@ def owner_cmd() -> None:
 @click.option("--policy", default="0x5", show_default=True, help="guest policy: a number or flags (NODBG,NOKS,...)")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="directory to write to")
 @click.option("--name", default="vm", show_default=True, help="file name prefix, as sevctl session --name")
-def session_cmd(pdh: Path, policy: str, out: Path, name: str) -> None:
+@click.option("--pek", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="check that the PDH is signed by this PEK certificate (pek.cert, or a chain file starting with "
+                   "PDH, PEK: sev_chain.cert); the PEK's own chain up to AMD's keys is not checked here")
+def session_cmd(pdh: Path, policy: str, out: Path, name: str, pek: Path | None) -> None:
     """Make a launch session for the platform whose PDH is given: NAME_godh.b64 and NAME_session.b64 for the host
     (vmctl run --dh-cert / --session), NAME_tek.bin and NAME_tik.bin to keep."""
     from vmmd.sev import owner
@@ -164,6 +167,8 @@ def session_cmd(pdh: Path, policy: str, out: Path, name: str) -> None:
     try:
         value = parse_policy(policy)
         pdh_cert = _read_pdh(pdh)
+        if pek is not None:
+            _check_pek(pdh_cert, pek)
         made = owner.make_session(pdh_cert, value)
         directory = _out_dir(out)
         files = {f"{name}_godh.b64": (base64.b64encode(made.godh), 0o644),
@@ -180,6 +185,25 @@ def session_cmd(pdh: Path, policy: str, out: Path, name: str) -> None:
         return
     click.echo(f"policy {value:#x}; session for the PDH key {pdh_cert.describe()}; wrote " +
                ", ".join(str(directory / f) for f in files))
+
+
+def _check_pek(pdh_cert, path: Path) -> None:
+    from vmmd.sev import sevcert
+
+    data = read_file(path, "PEK certificate")
+    certs = [data[i:i + sevcert.CERT_SIZE] for i in range(0, len(data), sevcert.CERT_SIZE)]
+    try:
+        decoded = [sevcert.SevCert.decode(c) for c in certs]
+    except sevcert.CertError as err:
+        raise VmmdError(f"{path} is not SEV certificates: {err}") from None
+    pek = next((c for c in decoded if c.usage == sevcert.Usage.PEK), None)
+    if pek is None:
+        raise VmmdError(f"{path} holds no PEK certificate")
+    try:
+        sevcert.verify_signed_by(pdh_cert, pek)
+    except sevcert.CertError as err:
+        raise VmmdError(f"the PDH is not signed by the PEK in {path}: {err}; refusing to make a session for it") \
+            from None
 
 
 def _seen_file(tik: Path) -> Path:
@@ -359,8 +383,9 @@ def apply_launch_options(platform, policy: str | None, dh_cert: str | None, sess
 def export_pdh(directory: Path) -> list[str]:
     """`vmctl host --export-pdh DIR`: the platform's PDH certificate for a guest owner (sevctl export's role).
 
-    With SEV hardware: SEV_PDH_CERT_EXPORT, written as pdh.cert and cert_chain.cert (PEK ‖ OCA ‖ CEK, as the
-    firmware returns it). Without: the simulated PSP's (vmmd/sev/simpsp.py) pdh.cert and pek.cert."""
+    With SEV hardware: SEV_PDH_CERT_EXPORT, written as pdh.cert, cert_chain.cert (PEK ‖ OCA ‖ CEK, as the
+    firmware returns it) and sev_chain.cert (PDH first: sevctl export's layout). Without: the simulated PSP's
+    (vmmd/sev/simpsp.py) pdh.cert and pek.cert."""
     from vmmd.platforms import sev_es_unavailable_reason
 
     reason = sev_es_unavailable_reason()
@@ -369,7 +394,8 @@ def export_pdh(directory: Path) -> list[str]:
 
         with Psp() as psp:
             pdh, chain = psp.pdh_cert_export()
-        files = {"pdh.cert": pdh, "cert_chain.cert": chain}
+        # and sevctl export's file: PDH ‖ PEK ‖ OCA ‖ CEK (virtee/sev certs/sev/sev/chain.rs Chain encoding)
+        files = {"pdh.cert": pdh, "cert_chain.cert": chain, "sev_chain.cert": pdh + chain}
         note = "from this host's SEV firmware (SEV_PDH_CERT_EXPORT)"
     else:
         from vmmd.sev import simpsp
