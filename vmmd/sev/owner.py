@@ -123,6 +123,10 @@ class SessionBlob:
 
 
 def policy_bytes(policy: int) -> bytes:
+    """GCTX.POLICY as POLICY_MAC and the measurement cover it: the u32, little-endian. (virtee/sev builds its
+    Policy from a u32 with Version::from(u16), which keeps only nibbles of the API-version bytes [31:16]; for a
+    policy that sets them, sevctl session's POLICY_MAC would not match the firmware's. With [31:16] zero, as in
+    every published vector, both agree.)"""
     if not 0 <= policy <= 0xFFFF_FFFF:
         raise OwnerError(f"policy {policy:#x} is not a u32")
     return struct.pack("<I", policy)
