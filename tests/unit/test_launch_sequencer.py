@@ -285,17 +285,118 @@ def test_policy_names_and_refusals() -> None:
         check_policy(int(SevPolicy.ES), PlatformStatus(1, 55, 21, 1, 0, 0))
 
 
-def test_launch_secret_is_injected_after_measure() -> None:
-    memory, plan, model = _setup()
-    secret = LaunchSecret(header=b"\x01" * 52, guest_gpa=0x9000, payload=b"s3cr3t!!" * 4)
-    result = SevEsLaunch(model, plan, secret=secret).run(lambda p: None)
-    assert result.steps[-2:] == ["secret", "finish"]
+def _owner_setup(policy: int = measure.DEFAULT_SEVES_POLICY, session_policy: int | None = None):
+    """A model with a PDH key and a guest owner's session made for it (vmmd/sev/owner.py)."""
+    from vmmd.sev import owner, sevcert
+
+    pdh_cert, pdh_key = sevcert.generate(sevcert.Usage.PDH)
+    made = owner.make_session(pdh_cert, policy if session_policy is None else session_policy)
+    memory, plan, model = _setup(policy=policy, model_kwargs={"pdh_key": pdh_key})
+    return memory, plan, model, made
+
+
+def test_owner_session_measurement_and_secret() -> None:
+    from vmmd.sev import owner
+
+    memory, plan, model, made = _owner_setup()
+    launch = SevEsLaunch(model, plan, dh_cert=made.godh, session=made.session)
+    measurement, mnonce = launch.run_to_measure(lambda p: None)
+    assert model.owner_session and model.tik == made.tik and model.tek == made.tek
+    # the owner checks the measurement with the TIK it made, against the digest it predicts
+    assert measure.verify(measurement + mnonce, made.tik, digest=measure.launch_digest(plan),
+                          api_major=model.platform.api_major, api_minor=model.platform.api_minor,
+                          build=model.platform.build, policy=plan.policy).match
+    table = owner.build_secret_table([(owner.SEV_SECRET_TABLE_GUID, b"disk key")])
+    header, payload = owner.build_secret(made.tek, made.tik, measurement, table)
+    launch.inject(LaunchSecret(header, 0x9000, payload))
+    assert memory.read(0x9000, len(table)) == table  # decrypted with the TEK into guest memory
+    with pytest.raises(VmmdError, match="already injected"):
+        launch.inject(LaunchSecret(header, 0x9000, payload))
+    launch.finish()
     assert model.log[-2:] == ["KVM_SEV_LAUNCH_SECRET", "KVM_SEV_LAUNCH_FINISH"]
-    assert memory.read(0x9000, 32) == secret.payload
+    with pytest.raises(VmmdError, match="resumed"):
+        launch.inject(LaunchSecret(header, 0x9000, payload))
     memory.close()
+
+
+@pytest.mark.parametrize("tamper", ["header-iv", "header-mac", "payload", "other-tik", "flags"])
+def test_tampered_secret_packets_are_refused_and_the_launch_waits(tamper: str) -> None:
+    from vmmd.sev import owner
+
+    memory, plan, model, made = _owner_setup()
+    launch = SevEsLaunch(model, plan, dh_cert=made.godh, session=made.session)
+    measurement, _ = launch.run_to_measure(lambda p: None)
+    tik = bytes(16) if tamper == "other-tik" else made.tik
+    header, payload = owner.build_secret(made.tek, tik, measurement, bytes(32))
+    header, payload = bytearray(header), bytearray(payload)
+    if tamper == "header-iv":
+        header[5] ^= 1
+    elif tamper == "header-mac":
+        header[40] ^= 1
+    elif tamper == "payload":
+        payload[0] ^= 1
+    elif tamper == "flags":
+        header[0] = 2
+    with pytest.raises(VmmdError) as info:
+        launch.inject(LaunchSecret(bytes(header), 0x9000, bytes(payload)))
+    want = uapi.SEV_RET_INVALID_PARAM if tamper == "flags" else uapi.SEV_RET_BAD_MEASUREMENT
+    assert info.value.fw_error == want and "unharmed" in str(info.value)
+    assert memory.read(0x9000, 32) == bytes(32)  # nothing was written
+    header, payload = owner.build_secret(made.tek, made.tik, measurement, b"x" * 32)  # the right packet still works
+    launch.inject(LaunchSecret(header, 0x9000, payload))
+    launch.finish()
+    memory.close()
+
+
+@pytest.mark.parametrize(("change", "fw_error"), [
+    ("policy", uapi.SEV_RET_POLICY_FAILURE), ("session", uapi.SEV_RET_BAD_MEASUREMENT),
+    ("other-pdh", uapi.SEV_RET_BAD_MEASUREMENT), ("short-cert", uapi.SEV_RET_INVALID_LEN),
+    ("bad-cert", uapi.SEV_RET_INVALID_CERTIFICATE), ("short-session", uapi.SEV_RET_INVALID_LEN),
+    ("no-session", uapi.SEV_RET_INVALID_PARAM),
+])
+def test_launch_start_refuses_a_session_it_cannot_unwrap(change: str, fw_error: int) -> None:
+    from vmmd.sev import owner, sevcert
+
+    policy = measure.DEFAULT_SEVES_POLICY
+    memory, plan, model, made = _owner_setup(policy, session_policy=policy | 0x2 if change == "policy" else policy)
+    godh, session = made.godh, bytearray(made.session)
+    if change == "session":
+        session[20] ^= 1
+    elif change == "other-pdh":
+        made = owner.make_session(sevcert.generate()[0], policy)
+        godh, session = made.godh, bytearray(made.session)
+    elif change == "short-cert":
+        godh = godh[:-4]
+    elif change == "bad-cert":
+        godh = godh[:16] + (9).to_bytes(4, "little") + godh[20:]
+    elif change == "short-session":
+        session = session[:100]
+    elif change == "no-session":
+        session = bytearray()
+    with pytest.raises(SevLaunchError) as info:
+        SevEsLaunch(model, plan, dh_cert=godh, session=bytes(session)).run_to_measure(lambda p: None)
+    assert info.value.step == "launch_start" and info.value.fw_error == fw_error
+    assert model.released
+    memory.close()
+
+
+def test_launch_secret_shape_is_checked() -> None:
     memory, plan, model = _setup()
-    with pytest.raises(SevLaunchError, match="must not cross a 4 KiB page"):
-        SevEsLaunch(model, plan, secret=LaunchSecret(b"h", 0x9FF0, bytes(32)))
+    with pytest.raises(SevLaunchError, match="cross a 4 KiB page"):
+        SevEsLaunch(model, plan, secret=LaunchSecret(bytes(52), 0x9FF0, bytes(32)))
+    memory, plan, model = _setup()
+    launch = SevEsLaunch(model, plan)
+    launch.run_to_measure(lambda p: None)
+    for secret, match in ((LaunchSecret(bytes(52), 0x9008, bytes(16)), "not 16-byte aligned"),
+                          (LaunchSecret(bytes(52), MEM_BYTES, bytes(16)), "not inside guest RAM"),
+                          (LaunchSecret(bytes(40), 0x9000, bytes(16)), "header is 40 bytes")):
+        with pytest.raises(VmmdError, match=match):
+            launch.inject(secret)
+    # the model drew its own TEK/TIK (no owner session): a packet made with any other key fails the MAC
+    with pytest.raises(VmmdError, match="SEV_RET_BAD_MEASUREMENT"):
+        launch.inject(LaunchSecret(bytes(52), 0x9000, bytes(16)))
+    launch.finish()
+    memory.close()
 
 
 def test_real_backend_on_a_host_without_sev_fails_cleanly() -> None:

@@ -25,6 +25,10 @@ LAZY_COMMANDS = {
     "host": ("vmmd.cli.run", "host"),
     "measure": ("vmmd.cli.measure", "measure_cmd"),
     "verify": ("vmmd.cli.measure", "verify_cmd"),
+    "owner": ("vmmd.cli.owner", "owner_cmd"),
+    "measurement": ("vmmd.cli.attest", "measurement_cmd"),
+    "inject-secret": ("vmmd.cli.attest", "inject_secret_cmd"),
+    "resume": ("vmmd.cli.attest", "resume_cmd"),
     **{name: ("vmmd.cli.daemon", f"{name}_cmd") for name in ("start", "stop", "list", "status", "show", "console",
                                                               "log", "remove", "reload")},
 }

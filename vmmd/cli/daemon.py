@@ -295,6 +295,12 @@ def show_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
         lines.append(("running on", guest["platform_note"]))
     if guest.get("launch_digest"):
         lines.append(("launch digest", guest["launch_digest"]))
+    attest = guest.get("attest")
+    if attest and guest.get("state") in ACTIVE:  # docs/attestation.md
+        lines.append(("attested launch", ("waiting for the guest owner after LAUNCH_MEASURE (vmctl measurement, "
+                      "inject-secret, resume)" if attest.get("state") == "LSECRET" else "resumed (LAUNCH_FINISH ran)")
+                      + ("; measured by the simulated PSP: proves nothing about this host"
+                         if attest.get("simulated") else "")))
     if guest.get("pid") and guest["state"] in ACTIVE:
         lines.append(("pid", str(guest["pid"])))
     for key, label in (("started_at", "started"), ("ended_at", "ended")):

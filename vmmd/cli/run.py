@@ -50,6 +50,12 @@ from vmmd.errors import ExitCode, VmmdError
 @click.option("--cpu-type", default=None,
               help="sev-es-emu: the CPU model (QEMU name or CPUID 1 EAX) the reported digest of a reset-vector "
                    "image assumes, as `vmctl measure --cpu-type` (default EPYC-v4)")
+@click.option("--policy", default=None, help="SEV guest policy: a number or flags (NODBG,NOKS); default 0x5")
+@click.option("--dh-cert", type=click.Path(dir_okay=False), default=None,
+              help="the guest owner's DH certificate for LAUNCH_START (base64, vmctl owner session's NAME_godh.b64)")
+@click.option("--session", type=click.Path(dir_okay=False), default=None,
+              help="the guest owner's launch session blob (base64, NAME_session.b64); with --dh-cert")
+@click.option("--attest", is_flag=True, help="wait for the guest owner after LAUNCH_MEASURE: needs the daemon")
 @click.option("--quiet", "-q", is_flag=True, help="do not print the platform and end-of-run lines")
 def run(**options) -> None:
     """Boot FIRMWARE (a flat 64-bit image or OVMF), or a Linux kernel with --kernel, in the foreground; the exit
@@ -134,6 +140,9 @@ def _run(o: SimpleNamespace) -> None:
         _apply_cpu_type(chosen, o.cpu_type)
         if quiet and hasattr(chosen, "predict_digest"):
             chosen.predict_digest = False  # sev-es-emu: -q prints no digest, so the software launch is not run
+        from vmmd.cli.owner import apply_launch_options
+
+        apply_launch_options(chosen, o.policy, o.dh_cert, o.session, o.attest)
         if o.console_path is not None:
             out = open(o.console_path, "wb")
         elif sys.stdout is None:
@@ -207,9 +216,23 @@ def _run(o: SimpleNamespace) -> None:
 @click.command("host")
 @click.option("--memory", "-m", default=None, help="also check RLIMIT_MEMLOCK against a guest of this size")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
-def host(memory: str | None, as_json: bool) -> None:
+@click.option("--export-pdh", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="write the platform's PDH certificate (and chain) to DIR for a guest owner (vmctl owner session)")
+def host(memory: str | None, as_json: bool, export_pdh: str | None) -> None:
     """What this host can run (plain, sev-es-emu, sev-es) and, where not, why."""
     import json
+
+    if export_pdh is not None:
+        from pathlib import Path
+
+        from vmmd.cli.owner import export_pdh as export
+
+        try:
+            lines = export(Path(export_pdh))
+        except VmmdError as err:
+            _fail(str(err), err.exit_code)
+        click.echo("\n".join(f"vmctl: {line}" for line in lines))
+        return
 
     from vmmd.machine.config import parse_size
     from vmmd.sev.host import format_host_report, host_report

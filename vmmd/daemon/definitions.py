@@ -12,6 +12,9 @@ sent ad hoc by `vmctl start -f FILE`. Every error names the file, the key and wh
     timeout = 30                  # seconds, optional
     guest_arg = 0                 # number handed to the guest in its boot-info page
     owner = "alice"               # user name or uid allowed to manage it besides root (default root)
+    attest = false                # SEV platforms: stop after LAUNCH_MEASURE for the guest owner (vmctl resume)
+    dh_cert = "vm_godh.b64"       # the guest owner's LAUNCH_START inputs (vmctl owner session), base64 files,
+    session = "vm_session.b64"    #   relative to the TOML file; both or neither
     [policy]                      # SEV-ES guest policy (sev-es only)
     flags = ["NODBG"]             # NODBG NOKS ES NOSEND DOMAIN SEV (ES is always set)
     [console]
@@ -53,7 +56,7 @@ from vmmd.machine.platform import PLATFORM_NAMES
 from .protocol import NAME_RE
 
 TOP_KEYS = ("name", "firmware", "memory", "vcpus", "platform", "timeout", "guest_arg", "owner", "description",
-            "policy", "console", "network", "disk")
+            "policy", "console", "network", "disk", "attest", "dh_cert", "session")
 POLICY_KEYS = ("flags", "api_major", "api_minor")
 CONSOLE_KEYS = ("ring", "log")
 NETWORK_MODES = ("none", "tap")
@@ -83,6 +86,9 @@ class GuestDefinition:
     log_console: bool = True
     net: str | None = None
     disks: tuple = ()  # vmmd.block.image.DiskSpec each, paths absolute
+    attest: bool = False  # wait for the guest owner after LAUNCH_MEASURE (vmmd/sev/attest.py)
+    dh_cert: Path | None = None  # the guest owner's GODH certificate and session blob (base64 files)
+    session: Path | None = None
     text: str = field(default="", repr=False)  # the TOML text, kept to persist ad-hoc guests
 
     def machine_config(self) -> MachineConfig:
@@ -95,7 +101,9 @@ class GuestDefinition:
                 "memory_bytes": self.memory_bytes, "vcpus": self.cpus, "platform": self.platform,
                 "timeout": self.timeout, "guest_arg": self.guest_arg, "owner": self.owner,
                 "description": self.description, "policy": self.policy, "console_ring": self.ring_bytes,
-                "console_log": self.log_console, "net": self.net,
+                "console_log": self.log_console, "net": self.net, "attest": self.attest,
+                "dh_cert": str(self.dh_cert) if self.dh_cert else None,
+                "session": str(self.session) if self.session else None,
                 "disks": [d.summary() for d in self.disks]}
 
 
@@ -226,6 +234,29 @@ def _disks(source: str, tables: Any, base_dir: Path | None) -> tuple:
     return tuple(specs)
 
 
+def _owner_launch(source: str, data: dict, definition: GuestDefinition, base_dir: Path | None) -> None:
+    """attest, dh_cert, session: an attested launch's keys (docs/daemon.md "Attested launch")."""
+    attest = data.get("attest", False)
+    if not isinstance(attest, bool):
+        raise _fail(source, "attest", "must be true or false")
+    definition.attest = attest
+    for key in ("dh_cert", "session"):
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            raise _fail(source, key, f"must be a file path string (base64, as vmctl owner session writes it), got "
+                        f"{value!r}")
+        path = Path(value)
+        setattr(definition, key, path if path.is_absolute() else (base_dir or Path.cwd()) / path)
+    if (definition.dh_cert is None) != (definition.session is None):
+        raise _fail(source, "dh_cert" if definition.dh_cert is None else "session",
+                    "dh_cert and session go together: the guest owner's certificate and session blob")
+    if (attest or definition.dh_cert) and definition.platform == "plain":
+        raise _fail(source, "attest" if attest else "dh_cert", "needs an SEV platform (sev-es, sev-es-emu or auto); "
+                    "platform plain has no launch to attest")
+
+
 def parse_definition(text: str, source: str, default_name: str | None = None, default_owner: int = 0,
                      base_dir: Path | None = None) -> GuestDefinition:
     """Validate one TOML definition. `source` names it in errors; relative firmware paths resolve
@@ -290,6 +321,7 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
         definition.log_console = console["log"]
     definition.net = _network(source, data.get("network", {}))
     definition.disks = _disks(source, data.get("disk", []), base_dir)
+    _owner_launch(source, data, definition, base_dir)
     try:
         definition.machine_config().validate()
     except VmmdError as err:

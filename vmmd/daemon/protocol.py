@@ -46,6 +46,10 @@ OPS: dict[str, dict[str, tuple[Any, bool]]] = {
     "log": {"name": (str, True), "lines": (int, False)},
     "remove": {"name": (str, True)},
     "reload": {},
+    # an attested launch waiting for its owner (docs/daemon.md "Attested launch"); header/secret are base64
+    "measurement": {"name": (str, True)},
+    "inject-secret": {"name": (str, True), "header": (str, True), "secret": (str, True), "gpa": (int, False)},
+    "resume": {"name": (str, True)},
 }
 STREAM_OPS = ("console",)  # ops whose ok reply is followed by a raw console stream ("start" when attach=true)
 

@@ -74,6 +74,8 @@ class Guest:
     waiters: list = field(default_factory=list)
     channel_closed: bool = False
     exit_status: int | None = None
+    attest: dict | None = None  # an attested launch's measurement and state (vmmd.sev.attest.PausedLaunch.info())
+    attest_answer: Any = None  # the asyncio future awaiting the worker's answer to inject-secret / resume
 
     @property
     def name(self) -> str:
@@ -96,7 +98,7 @@ class Guest:
                 "ended_at": self.ended_at, "first_byte_seconds": self.first_byte_seconds,
                 "build_seconds": self.build_seconds,
                 "platform_note": self.platform_note, "launch_digest": self.digest, "policy_note": self.policy_note,
-                "starts": self.starts}
+                "starts": self.starts, "attest": self.attest}
 
 
 def lost_end(state: str, pid: int | None) -> dict[str, Any]:

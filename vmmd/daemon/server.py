@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import grp
 import json
 import os
@@ -24,6 +25,7 @@ from vmmd.errors import ExitCode, VmmdError
 from vmmd.machine.config import MAX_STOP_TIMEOUT_SECONDS, check_seconds
 
 from . import protocol as P
+from .attested import MSG_ANSWER, MSG_INJECT, MSG_RESUME
 from .auth import AccessDenied, Peer, Policy, open_for, open_image_for, peer_of
 from .definitions import DefinitionError, GuestDefinition, parse_definition
 from .protocol import ACTIVE
@@ -274,6 +276,8 @@ class Daemon:
                     return guest, request.get("replay", True)
                 elif op == "remove":
                     reply = self._remove(guest)
+                elif op in ("measurement", "inject-secret", "resume"):
+                    reply = await self._attested(guest, op, request)
                 else:
                     reply = P.error("EOPNOTSUPP", f"op {op!r} is not implemented")
         except AccessDenied as err:
@@ -363,6 +367,80 @@ class Daemon:
             raise
         return fds
 
+    def _owner_inputs(self, definition: GuestDefinition, adhoc: bool, peer: Peer) -> dict:
+        """An attested launch's inputs for the worker: attest, and the guest owner's DH certificate and session
+        blob read here (for an ad-hoc guest as its caller, as the firmware is) and checked (base64, sizes)."""
+        from vmmd.sev.attest import check_dh_cert, check_session
+
+        fields: dict = {"attest": definition.attest}
+        for key, check in (("dh_cert", check_dh_cert), ("session", check_session)):
+            path = getattr(definition, key)
+            if path is None:
+                continue
+            where = f"{definition.source}: key '{key}'"
+            try:
+                fd = open_for(str(path), peer if adhoc else None)
+            except AccessDenied as err:
+                raise AccessDenied(f"{where}: {err}") from None
+            except OSError as err:
+                raise _RequestError("EINVAL", f"{where}: cannot open {path}: {err.strerror}") from None
+            try:
+                with os.fdopen(fd, "rb") as f:
+                    data = f.read(64 << 10)
+            except OSError as err:
+                raise _RequestError("EINVAL", f"{where}: cannot read {path}: {err.strerror}") from None
+            try:
+                fields[f"{key}_b64"] = base64.b64encode(check(data, path)).decode()
+            except VmmdError as err:
+                raise _RequestError("EINVAL", f"{where}: {err}") from None
+        return fields
+
+    async def _attested(self, guest: Guest, op: str, request: dict) -> dict:
+        """measurement / inject-secret / resume of an attested launch waiting for its owner (the caller is the
+        guest's owner or root: _find checked)."""
+        info = guest.attest
+        if guest.state not in ACTIVE or info is None:
+            if guest.state == "starting":
+                raise _RequestError("EAGAIN", f"guest {guest.name!r} is still starting: its launch has not been "
+                                              "measured yet; try again in a moment")
+            why = "is not running" if guest.state not in ACTIVE else "was not started with attest = true"
+            raise _RequestError("EOPNOTSUPP" if guest.state in ACTIVE else "ESRCH",
+                                f"guest {guest.name!r} {why}: there is no attested launch to "
+                                f"{'read' if op == 'measurement' else op.replace('-', ' ')}")
+        if op == "measurement":
+            return P.ok(guest=guest.name, attest=info)
+        if info.get("state") == "RUNNING":
+            raise _RequestError("EALREADY", f"guest {guest.name!r} was resumed (LAUNCH_FINISH ran): "
+                                            + ("a secret can only be injected before `vmctl resume`"
+                                               if op == "inject-secret" else "it is running already"))
+        if guest.attest_answer is not None and not guest.attest_answer.done():
+            raise _RequestError("EBUSY", f"guest {guest.name!r} is answering another request; try again")
+        if op == "inject-secret":
+            message = MSG_INJECT + json.dumps({k: request[k] for k in ("header", "secret", "gpa")
+                                               if k in request}).encode()
+        else:
+            message = MSG_RESUME
+        guest.attest_answer = self.loop.create_future()
+        try:
+            guest.worker.sock.send(message)
+        except OSError as err:
+            raise _RequestError("EIO", f"guest {guest.name!r}'s worker did not take the request: {err}") from None
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(guest.attest_answer), 60)
+        except TimeoutError:
+            raise _RequestError("ETIMEDOUT", f"guest {guest.name!r}'s worker did not answer in 60 s") from None
+        finally:
+            guest.attest_answer = None
+        if not answer.get("ok"):
+            raise _RequestError(answer.get("errno", "EINVAL"), answer.get("error", "refused"))
+        if op == "resume":
+            self.registry.log_event(guest, "attested launch: LAUNCH_FINISH; the guest runs")
+        else:
+            self.registry.log_event(guest, f"attested launch: secret injected ({answer['injected']['length']} bytes "
+                                           f"at {answer['injected']['gpa']:#x})")
+        return P.ok(guest=guest.name, attest=guest.attest, **({"injected": answer["injected"]}
+                                                               if "injected" in answer else {}))
+
     def _open_firmware(self, definition: GuestDefinition, adhoc: bool, peer: Peer) -> int:
         """The guest's firmware, opened here and handed to the worker as an fd. An ad-hoc guest's firmware is
         opened for the requesting peer (auth.open_for): it must be a file that peer can read, checked on the
@@ -383,6 +461,7 @@ class Daemon:
         guest.ring = ConsoleRing(guest.definition.ring_bytes)
         guest.start_mono, guest.started_at, guest.ended_at = time.monotonic(), time.time(), None
         guest.first_byte_seconds = guest.platform = None
+        guest.attest = guest.attest_answer = None
         guest.starts += 1
         this_start = guest.starts
         try:
@@ -399,7 +478,8 @@ class Daemon:
         self.by_pid[worker.pid] = guest
         worker.sock.setblocking(False)
         self.loop.add_reader(worker.sock.fileno(), self._on_worker_readable, guest)
-        spec = {**guest.definition.summary(), "policy": guest.definition.policy}
+        spec = {**guest.definition.summary(), "policy": guest.definition.policy,
+                **self._owner_inputs(guest.definition, guest.adhoc, peer)}
         try:
             send_fd(worker.sock, MSG_GO + json.dumps(spec).encode(), firmware_fd, *disk_fds)
         except OSError as err:
@@ -479,12 +559,24 @@ class Daemon:
                 guest.platform_note, guest.digest, guest.policy_note = info["note"], info["digest"], info["policy"]
                 guest.platform = info["platform"]
                 guest.build_seconds = info.get("build_seconds")
+                guest.attest = info.get("attest")
+                if guest.attest is not None:
+                    simulated = " (by the simulated PSP: proves nothing about this host)" \
+                        if guest.attest.get("simulated") else ""
+                    self.registry.log_event(guest, f"attested launch: measured{simulated}, waiting for the guest "
+                                                   "owner (vmctl measurement / inject-secret / resume)")
                 if guest.state == "starting":
                     guest.state = "running"
                 self.registry.log_event(guest, f"running: {info['note']}")
                 if guest.stop_mode is not None:  # a stop arrived while it was being built
                     self._send_stop(guest)
                 self._changed()
+            elif kind == MSG_ANSWER:
+                answer = json.loads(body)
+                if answer.get("info"):
+                    guest.attest = answer["info"]
+                if guest.attest_answer is not None and not guest.attest_answer.done():
+                    guest.attest_answer.set_result(answer)
             elif kind == MSG_RESULT:
                 guest.result = json.loads(body)
             elif kind == MSG_ERROR:
@@ -575,6 +667,9 @@ class Daemon:
         guest.waiters.clear()
 
     def _release(self, guest: Guest) -> None:
+        if guest.attest_answer is not None and not guest.attest_answer.done():
+            guest.attest_answer.set_result({"ok": False, "errno": "ESRCH", "error": f"guest {guest.name!r} ended "
+                                                                                   "before it answered"})
         worker, guest.worker = guest.worker, None
         if worker is not None:
             try:

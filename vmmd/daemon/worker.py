@@ -15,7 +15,8 @@ Three parts:
 
 Channel messages (SOCK_SEQPACKET keeps boundaries): one type byte then the payload.
 worker -> daemon: C console bytes, S started (JSON), R result (JSON), E build error (JSON).
-daemon -> worker: G go (JSON definition), I console input bytes, Q stop (JSON reason).
+daemon -> worker: G go (JSON definition), I console input bytes, Q stop (JSON reason); while an attested launch
+waits for its owner also K inject and U resume, answered with A (vmmd/daemon/attested.py).
 zygote <-> daemon: F fork (JSON {id} + fd), P forked (JSON {id, pid}), X exited (JSON {pid, status}).
 Parent death is chained with PR_SET_PDEATHSIG (prctl(2)): daemon dies -> zygote dies -> workers die.
 """
@@ -176,6 +177,9 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
                                name=name, net=spec["net"], disks=disks).validate()
         platform, note = select_platform(config.platform)
         policy_note = _apply_policy(platform, spec.get("policy"))
+        from vmmd.daemon.attested import apply_launch_inputs, serve_paused
+
+        apply_launch_inputs(platform, spec)
         machine = Machine(config, platform, _first_byte_flusher(console)).build()
     except VmmdError as err:
         _send_json(sock, MSG_ERROR, {"message": named(str(err)), "exit_code": int(err.exit_code)})
@@ -189,9 +193,20 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
                                      "exit_code": int(ExitCode.VMM_ERROR)})
         return int(ExitCode.VMM_ERROR)
     launch = getattr(platform, "launch_result", None)
+    paused = getattr(platform, "paused", None)  # an attested launch waiting for its owner (vmmd/daemon/attested.py)
     _send_json(sock, MSG_STARTED, {"pid": os.getpid(), "platform": platform.name, "note": note,
                                    "policy": policy_note, "build_seconds": time.monotonic() - t_go,
-                                   "digest": launch.expected_digest.hex() if launch is not None else None})
+                                   "digest": launch.expected_digest.hex() if launch is not None else None,
+                                   "attest": paused.info() if paused is not None else None})
+    if paused is not None:
+        ended = serve_paused(sock, machine, paused, MAX_MESSAGE, MSG_STOP)
+        if ended is not None:
+            try:
+                _send_json(sock, MSG_RESULT, ended)
+            except OSError:
+                pass
+            machine.close()
+            return ended["exit_code"] & 0xFF
     done = threading.Event()
     input_stats = {"received": 0}  # console input bytes received; paced.stored: those the UART took
     paced = PacedInput(machine.uart)

@@ -36,6 +36,7 @@ class vmmd_bootinfo(ctypes.Structure):
                 ("ghcb_gpa", u64), ("shared_gpa", u64), ("shared_size", u64), ("c_bit", u32),
                 ("mem_range_count", u32), ("mem_ranges", vmmd_mem_range * VMMD_MAX_MEM_RANGES),
                 ("guest_arg", u64), ("mmio_testdev_gpa", u64), ("virtio_net_gpa", u64),
+                ("secret_gpa", u64), ("secret_size", u64),
                 ("virtio_blk_count", u32), ("reserved1", u32), ("virtio_blk_gpa", u64 * VMMD_MAX_DISKS)]
 
 

@@ -22,6 +22,10 @@ SHARED_GPA = 0x20000  # shared buffers for devices (virtio rings) on SEV platfor
 SHARED_SIZE = 0x40000
 STACKS_GPA = 0x60000  # vCPU n's stack: [STACKS_GPA + n*STACK_SIZE, + STACK_SIZE) (up to LOW_AREA_VCPUS)
 STACK_SIZE = 0x4000
+# The page an attested launch's LAUNCH_SECRET fills (boot info secret_gpa; vmctl inject-secret's default for vmmd
+# images): private memory just above the low-area stacks, zero unless a guest owner injected a secret.
+SECRET_GPA = 0xA0000
+SECRET_SIZE = 0x1000
 FIRMWARE_LOAD_GPA = 0x100000  # flat images load and start here
 RESET_VECTOR_MAX_BYTES = 16 << 20  # a reset-vector image (OVMF) ends at 4 GiB and may be this large
 

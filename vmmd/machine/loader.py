@@ -287,6 +287,8 @@ def write_bootinfo(memory: GuestMemory, platform: str, cpu_count: int, doorbell_
                             virtio_blk_count=len(virtio_blk_gpas))
     for i, gpa in enumerate(virtio_blk_gpas):
         info.virtio_blk_gpa[i] = gpa
+    if platform != "plain":  # where an attested launch's secret goes (vmctl inject-secret's default GPA)
+        info.secret_gpa, info.secret_size = L.SECRET_GPA, L.SECRET_SIZE
     ranges = [(0, L.FIRMWARE_LOAD_GPA, bi.VMMD_MEM_RESERVED)]
     for gpa, size in memory.ranges():
         start = max(gpa, L.FIRMWARE_LOAD_GPA)

@@ -318,15 +318,36 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
     with this model's TIK (random unless given). Kernel-side refusals (no INIT yet -> ENOTTY, bad INIT2
     arguments -> EINVAL) carry no firmware status, as in arch/x86/kvm/svm/sev.c. Model choices where
     the spec leaves it open: a second LAUNCH_START and LAUNCH_UPDATE_VMSA on a policy without ES fail
-    with SEV_RET_INVALID_GUEST_STATE and SEV_RET_POLICY_FAILURE; LAUNCH_SECRET writes the payload in
-    clear (there is no transport key to unwrap it with).
+    with SEV_RET_INVALID_GUEST_STATE and SEV_RET_POLICY_FAILURE.
+
+    The guest owner's channel (SEV API "Key Agreement", LAUNCH_START / LAUNCH_SECRET; vmmd/sev/owner.py): the
+    model holds a P-384 PDH key (`pdh_key`, the simulated platform's; vmmd/sev/simpsp.py keeps one per host).
+    With a GODH certificate and session blob, LAUNCH_START derives KEK/KIK from ECDH(PDH, GODH) and the
+    session nonce, checks WRAP_MAC with KIK, unwraps TEK ‖ TIK with KEK and checks POLICY_MAC with TIK;
+    without them it draws TEK and TIK itself, as the firmware does. LAUNCH_MEASURE's HMAC uses that TIK.
+    LAUNCH_SECRET checks the packet MAC (TIK, over the header, payload and the MEASURE it reported),
+    decrypts the payload with TEK and writes the plaintext to guest memory (`secret_memory`: on sev-es-emu
+    the guest's own RAM, which nothing encrypts). Status codes where the spec names a check but this model
+    had to choose the code: a malformed GODH -> SEV_RET_INVALID_CERTIFICATE, a wrong buffer length ->
+    SEV_RET_INVALID_LEN, WRAP_MAC or packet MAC mismatch -> SEV_RET_BAD_MEASUREMENT, POLICY_MAC mismatch ->
+    SEV_RET_POLICY_FAILURE, a compressed packet -> SEV_RET_UNSUPPORTED, unknown header flags ->
+    SEV_RET_INVALID_PARAM. A simulated PSP proves nothing about a host: its key is not AMD's.
     """
 
     name = "model"
 
     def __init__(self, memory: GuestMemory, *, platform: PlatformStatus | None = None, has_init2: bool = True,
-                 vmsa_features: int = 0, tik: bytes | None = None, owns_memory: bool = True) -> None:
+                 vmsa_features: int = 0, tik: bytes | None = None, owns_memory: bool = True,
+                 pdh_key=None, secret_memory: GuestMemory | None = None) -> None:
+        from vmmd.sev import sevcert
+
         self.memory = memory
+        self.secret_memory = secret_memory if secret_memory is not None else memory
+        self.pdh_key = pdh_key if pdh_key is not None else sevcert.generate(sevcert.Usage.PDH)[1]
+        self.tek = os.urandom(16)
+        self.owner_session = False  # did LAUNCH_START unwrap a guest owner's TEK/TIK?
+        self.last_measure = b""  # the MEASURE LAUNCH_MEASURE reported (LAUNCH_SECRET's MAC covers it)
+        self.secrets: list[tuple[int, int]] = []  # (gpa, length) of every LAUNCH_SECRET accepted
         self.platform = platform or PlatformStatus(api_major=1, api_minor=55, build=21, state=1,
                                                    flags=uapi.SEV_STATUS_FLAGS_CONFIG_ES, guest_count=0)
         self.has_init2 = has_init2
@@ -404,9 +425,41 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
             raise SevError(command, errno.EIO, uapi.SEV_RET_POLICY_FAILURE, "policy needs a newer firmware API")
         if policy & SevPolicy.ES and not self.platform.es_supported:
             raise SevError(command, errno.EIO, uapi.SEV_RET_POLICY_FAILURE, "the platform has no SEV-ES")
+        if dh_cert or session:
+            self.tek, self.tik = self._unwrap_owner_session(command, policy, dh_cert, session)
+            self.owner_session = True
         self.state, self.handle, self.policy = SevGuestState.LUPDATE, 1, policy
         self.log.append(command)
         return self.handle
+
+    def _unwrap_owner_session(self, command: str, policy: int, dh_cert: bytes | None,
+                              session: bytes | None) -> tuple[bytes, bytes]:
+        """SEV API LAUNCH_START with a guest owner: (TEK, TIK) from the GODH certificate and session blob."""
+        from vmmd.sev import owner, sevcert
+
+        if not dh_cert or not session:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_PARAM,
+                           "a guest-owner launch needs both the DH certificate and the session blob")
+        if len(dh_cert) != sevcert.CERT_SIZE:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_LEN,
+                           f"the DH certificate is {len(dh_cert)} bytes, not {sevcert.CERT_SIZE:#x}")
+        if len(session) != owner.SESSION_SIZE:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_LEN,
+                           f"the session blob is {len(session)} bytes, not {owner.SESSION_SIZE}")
+        try:
+            godh = sevcert.SevCert.decode(dh_cert)
+            if godh.curve != sevcert.Curve.P384:
+                raise sevcert.CertError("the key is not on P-384")
+            z = owner.shared_secret(self.pdh_key, godh)
+        except (sevcert.CertError, owner.OwnerError) as err:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_CERTIFICATE, f"the DH certificate: {err}") \
+                from None
+        try:
+            return owner.unwrap_session(z, owner.SessionBlob.decode(session), policy)
+        except owner.PolicyMismatch as err:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_POLICY_FAILURE, str(err)) from None
+        except owner.MacMismatch as err:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_BAD_MEASUREMENT, str(err)) from None
 
     def launch_update_data(self, gpa: int, length: int) -> None:
         command = "KVM_SEV_LAUNCH_UPDATE_DATA"
@@ -453,6 +506,7 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
         value = measure.expected_measurement(self.launch_digest, self.tik, self.platform.api_major,
                                              self.platform.api_minor, self.platform.build, self.policy, mnonce)
         self.state = SevGuestState.LSECRET
+        self.last_measure = value
         self.log.append(command)
         return size, value + mnonce
 
@@ -463,10 +517,28 @@ encrypts them: the host never reads the plaintext back), then LAUNCH_UPDATE_VMSA
             raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_ADDRESS, f"address {guest_gpa:#x} not aligned")
         if not payload or len(payload) % UPDATE_ALIGN:
             raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_LEN, f"length {len(payload)} not a multiple of 16")
+        from vmmd.sev import owner
+
+        if len(header) != owner.SECRET_HEADER_SIZE:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_LEN,
+                           f"the packet header is {len(header)} bytes, not {owner.SECRET_HEADER_SIZE}")
+        flags = owner.SecretHeader.decode(header).flags
+        if flags & owner.SECRET_FLAG_COMPRESSED:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_UNSUPPORTED, "compressed secret packets are not supported")
+        if flags & ~owner.SECRET_FLAGS_KNOWN:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_INVALID_PARAM, f"unknown header flags {flags:#x}")
+        if not self.secret_memory.contains(guest_gpa, len(payload)):
+            raise SevError(command, errno.EFAULT, None,
+                           f"guest range {guest_gpa:#x}+{len(payload):#x} is not inside guest RAM")
         try:
-            self.memory.write(guest_gpa, payload)
+            plain = owner.open_secret(self.tek, self.tik, self.last_measure, header, payload, len(payload))
+        except owner.MacMismatch as err:
+            raise SevError(command, errno.EIO, uapi.SEV_RET_BAD_MEASUREMENT, str(err)) from None
+        try:
+            self.secret_memory.write(guest_gpa, plain)
         except GuestMemoryError as err:
             raise SevError(command, errno.EFAULT, None, str(err)) from None
+        self.secrets.append((guest_gpa, len(payload)))
         self.log.append(command)
 
     def launch_finish(self) -> None:
@@ -500,6 +572,32 @@ class SevLaunchError(VmmdError):
         self.fw_error = cause.fw_error if cause else None
         super().__init__(f"SEV-ES launch failed at step '{step}': {message}; the VM, its memory and /dev/sev "
                          "were released")
+
+
+class LaunchSecretError(VmmdError):
+    """LAUNCH_SECRET was refused (by vmmd's checks or the firmware); the launch itself goes on, still paused."""
+
+    def __init__(self, message: str, cause: SevError | None = None) -> None:
+        self.fw_error = cause.fw_error if cause else None
+        super().__init__(f"LAUNCH_SECRET refused: {message}; the guest is unharmed and still waits (LSECRET)")
+
+
+def secret_shape_problem(secret: LaunchSecret, memory: GuestMemory | None) -> str | None:
+    """Why a LAUNCH_SECRET packet cannot be issued as it stands (alignment, size, the page rule, guest RAM)."""
+    from vmmd.sev.owner import SECRET_HEADER_SIZE
+
+    if len(secret.header) != SECRET_HEADER_SIZE:
+        return f"the packet header is {len(secret.header)} bytes; a LAUNCH_SECRET header is {SECRET_HEADER_SIZE}"
+    if not secret.payload or len(secret.payload) % UPDATE_ALIGN:
+        return f"the payload is {len(secret.payload)} bytes; it must be a non-zero multiple of 16"
+    if secret.guest_gpa % UPDATE_ALIGN:
+        return f"guest address {secret.guest_gpa:#x} is not 16-byte aligned (LAUNCH_SECRET's rule)"
+    if secret.guest_gpa // PAGE_SIZE != (secret.guest_gpa + len(secret.payload) - 1) // PAGE_SIZE:
+        return (f"the payload ({len(secret.payload)} bytes at {secret.guest_gpa:#x}) would cross a 4 KiB page: a "
+                "LAUNCH_SECRET payload must not")
+    if memory is not None and not memory.contains(secret.guest_gpa, len(secret.payload)):
+        return f"guest address {secret.guest_gpa:#x}+{len(secret.payload):#x} is not inside guest RAM"
+    return None
 
 
 @dataclass(frozen=True)
@@ -607,11 +705,9 @@ class SevEsLaunch:
             if not self.backend.memory.contains(region.gpa, region.size):
                 raise VmmdError(f"region {region.name} ({region.gpa:#x}+{region.size:#x}) is not inside guest RAM")
         if self.secret is not None:
-            s = self.secret
-            if s.guest_gpa % UPDATE_ALIGN or not s.payload or len(s.payload) % UPDATE_ALIGN:
-                raise VmmdError("LAUNCH_SECRET guest address and length must be 16-byte aligned and non-empty")
-            if s.guest_gpa // PAGE_SIZE != (s.guest_gpa + len(s.payload) - 1) // PAGE_SIZE:
-                raise VmmdError("a LAUNCH_SECRET payload must not cross a 4 KiB page")
+            problem = secret_shape_problem(self.secret, None)
+            if problem:
+                raise VmmdError(problem)
 
     # --- plumbing ----------------------------------------------------------------------------
     def abort(self) -> None:
@@ -711,6 +807,45 @@ class SevEsLaunch:
     def finish(self) -> None:
         self._step("finish", self.backend.launch_finish)
 
+    def inject(self, secret: LaunchSecret) -> None:
+        """LAUNCH_SECRET while the launch waits between LAUNCH_MEASURE and LAUNCH_FINISH (vmctl inject-secret).
+
+        Unlike the other steps a refusal releases nothing: the firmware leaves the guest in LSECRET after a
+        failed LAUNCH_SECRET, so the guest owner may try again. Raises LaunchSecretError with the reason; one
+        secret per launch (vmmd's rule: a second packet is refused before the firmware sees it)."""
+        if self.released:
+            raise LaunchSecretError("the launch was aborted: there is no guest to inject into")
+        if "finish" in self.done:
+            raise LaunchSecretError("the guest was resumed (LAUNCH_FINISH ran): a secret can only be injected "
+                                    "between LAUNCH_MEASURE and LAUNCH_FINISH")
+        if "measure" not in self.done:
+            raise LaunchSecretError("LAUNCH_MEASURE has not run yet: a secret goes in after the measurement")
+        if "secret" in self.done:
+            raise LaunchSecretError("a secret was already injected into this launch: vmmd injects one per launch")
+        # the memory the secret lands in: the model's secret_memory (sev-es-emu: the guest's RAM), else guest RAM
+        problem = secret_shape_problem(secret, getattr(self.backend, "secret_memory", self.backend.memory))
+        if problem:
+            raise LaunchSecretError(problem)
+        try:
+            self.backend.launch_secret(secret.header, secret.guest_gpa, secret.payload)
+            self._check_state("secret")
+        except SevError as err:
+            raise LaunchSecretError(str(err), err) from None
+        except VmmdError as err:
+            raise LaunchSecretError(str(err)) from None
+        self.secret = secret
+        self.done.append("secret")
+
+    def run_to_measure(self, set_vcpu_state: Callable[[measure.LaunchPlan], None]) -> tuple[bytes, bytes]:
+        """Every step up to LAUNCH_MEASURE (an attested launch then waits for its owner); (MEASURE, MNONCE)."""
+        self.init()
+        self.register()
+        self.launch_start()
+        self.update_data()
+        self.vcpu_state(set_vcpu_state)
+        self.update_vmsa()
+        return self.measure()
+
     @property
     def effective_ghcb_version(self) -> int:
         """The GHCB version KVM runs the guest with: the request, else what KVM picks (sev.c: INIT2 with 0 ->
@@ -734,13 +869,7 @@ class SevEsLaunch:
     def run(self, set_vcpu_state: Callable[[measure.LaunchPlan], None]) -> LaunchResult:
         """All steps in order. `set_vcpu_state(plan)` must create the plan's vCPUs (index order) and set their
         registers from plan.vcpus[i].state; it runs after LAUNCH_UPDATE_DATA, before LAUNCH_UPDATE_VMSA."""
-        self.init()
-        self.register()
-        self.launch_start()
-        self.update_data()
-        self.vcpu_state(set_vcpu_state)
-        self.update_vmsa()
-        self.measure()
+        self.run_to_measure(set_vcpu_state)
         if self.secret is not None:
             self.inject_secret()
         self.finish()

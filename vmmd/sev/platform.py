@@ -54,6 +54,11 @@ class LaunchInputs:
     cpu_type: str | None = None
     # KVM_SEV_INIT2's ghcb_version; None passes 0 and lets KVM choose (GHCB_VERSION_DEFAULT), as QEMU does
     ghcb_version: int | None = None
+    # a guest owner's LAUNCH_START inputs (vmctl run --dh-cert / --session; vmmd/sev/owner.py): the GODH
+    # certificate and session blob, raw; and `attest`: stop after LAUNCH_MEASURE for the owner (vmmd/sev/attest.py)
+    dh_cert: bytes | None = None
+    session: bytes | None = None
+    attest: bool = False
 
     @property
     def uses_init2(self) -> bool:
@@ -184,6 +189,18 @@ def _assumptions(inputs: LaunchInputs, cpu_type: str | None) -> str:
     return text
 
 
+def secret_area(machine) -> tuple[int, int] | None:
+    """Where an attested launch's secret goes by default: the boot info's secret page for vmmd's flat images,
+    OVMF's SEV secret block for reset-vector images, none for a direct Linux boot."""
+    if machine.image.kind == RESET_VECTOR:
+        from vmmd.sev.attest import ovmf_secret_area
+
+        return ovmf_secret_area(machine.memory.view(machine.image.image_gpa, machine.image.image_size))
+    if machine.image.kind == LINUX:
+        return None
+    return L.SECRET_GPA, L.SECRET_SIZE
+
+
 def emulated_launch(machine, inputs: LaunchInputs):
     """Run the launch sequence against the software model over a hardware-layout copy of the guest's measured
     memory; returns the LaunchResult, or None (with `machine.launch_note` saying why) when the image could
@@ -221,8 +238,23 @@ def emulated_launch(machine, inputs: LaunchInputs):
             image, cr3 = load_flat_firmware(copy, cfg.firmware, "sev-es", cfg.cpus, 0, inputs.c_bit, cfg.guest_arg,
                                             L.VIRTIO_NET_MMIO_GPA if cfg.net else 0, virtio_blk_gpas=disk_gpas(cfg))
             plan = flat_launch_plan(copy, image, cr3, cfg.cpus, inputs)
-        model = SevModel(copy, has_init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features, owns_memory=False)
-        result = SevEsLaunch(model, plan).run(lambda plan: None)
+        pdh_key = None
+        if inputs.dh_cert or inputs.session or inputs.attest:  # the owner's session is made for this host's PDH
+            from vmmd.sev import simpsp
+
+            pdh_key = simpsp.load().pdh_key
+        # LAUNCH_SECRET's plaintext goes into the guest's own RAM: nothing encrypts it on sev-es-emu
+        model = SevModel(copy, has_init2=inputs.uses_init2, vmsa_features=inputs.vmsa_features, owns_memory=False,
+                         pdh_key=pdh_key, secret_memory=machine.memory)
+        from vmmd.sev.attest import run_launch
+
+        launch = SevEsLaunch(model, plan, dh_cert=inputs.dh_cert, session=inputs.session)
+        result = run_launch(machine.platform, launch, lambda plan: None, simulated=True,
+                            secret_area=secret_area(machine))
+        if inputs.dh_cert:
+            from vmmd.sev.simpsp import NOTE
+
+            machine.notes.append(f"LAUNCH_START unwrapped the guest owner's session with the {NOTE}")
         if result.expected_digest != model.launch_digest:
             raise VmmdError("the software model's launch digest differs from the plan's: vmmd bug")
         return result
@@ -243,6 +275,7 @@ class SevEsEmuPlatform(Platform):
 
     def __init__(self, inputs: LaunchInputs | None = None) -> None:
         self.assumed = ""  # what the reported digest assumes, in words (set by emulated_launch)
+        self.paused = None  # vmmd.sev.attest.PausedLaunch while an attested launch waits for its owner
         self.inputs = inputs or LaunchInputs()  # what the reported launch digest assumes (policy, C-bit, ...)
         # False: launch() predicts no digest (launch_result None), for callers that show none (`vmctl run -q`)
         self.predict_digest = True
@@ -277,7 +310,8 @@ class SevEsEmuPlatform(Platform):
             machine.notes.append("a Linux kernel does not know sev-es-emu's doorbell (its VMGEXIT is `rep vmmcall`, "
                                  "which only SEV-ES hardware services): it boots unencrypted as on plain, and the "
                                  "digest below is what the sev-es launch of the same boot measures")
-        self.launch_result = emulated_launch(machine, self.inputs) if self.predict_digest else None
+        owner = self.inputs.dh_cert or self.inputs.session or self.inputs.attest  # the launch is the point then
+        self.launch_result = emulated_launch(machine, self.inputs) if self.predict_digest or owner else None
 
     def release(self, machine) -> None:
         service = getattr(self, "service", None)
@@ -304,6 +338,7 @@ class SevEsPlatform(Platform):
         self.inputs.c_bit = self.c_bit
         self.backend = None
         self.launch_result = None
+        self.paused = None  # vmmd.sev.attest.PausedLaunch while an attested launch waits for its owner
 
     def create_vm(self, machine):
         from vmmd.sev.launch import KvmSevBackend
@@ -372,7 +407,12 @@ class SevEsPlatform(Platform):
                 program_vcpu(vcpu, launch.state)
                 machine.vcpus.append(vcpu)
 
-        self.launch_result = SevEsLaunch(self.backend, plan, ghcb_version=self.inputs.ghcb_version).run(set_vcpu_state)
+        from vmmd.sev.attest import run_launch
+
+        launch = SevEsLaunch(self.backend, plan, ghcb_version=self.inputs.ghcb_version, dh_cert=self.inputs.dh_cert,
+                             session=self.inputs.session)
+        self.launch_result = run_launch(self, launch, set_vcpu_state, simulated=False,
+                                        secret_area=secret_area(machine))
 
     def release(self, machine) -> None:
         watch = getattr(self, "halt_watch", None)

@@ -1,0 +1,217 @@
+"""The guest owner's commands (vmctl owner), the attested launch's pieces and its definition keys, without KVM."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vmmd.cli import main
+from vmmd.daemon.definitions import DefinitionError, parse_definition
+from vmmd.memory import GuestMemory
+from vmmd.sev import measure, owner, sevcert, simpsp, vmsa
+from vmmd.sev.attest import PausedLaunch, check_dh_cert, check_session, ovmf_secret_area
+from vmmd.sev.launch import SevEsLaunch, SevModel
+
+
+def _vmctl(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def platform(tmp_path: Path):
+    psp = simpsp.load(tmp_path / "psp")
+    pdh = tmp_path / "pdh.cert"
+    pdh.write_bytes(psp.pdh_cert())
+    return psp, pdh
+
+
+def test_simulated_psp_keeps_its_key_and_signs_its_pdh(tmp_path: Path) -> None:
+    first, second = simpsp.load(tmp_path / "psp"), simpsp.load(tmp_path / "psp")
+    assert first.pdh_key.private_numbers() == second.pdh_key.private_numbers()
+    pdh, pek = sevcert.SevCert.decode(first.pdh_cert()), sevcert.SevCert.decode(first.pek_cert())
+    assert pdh.usage == sevcert.Usage.PDH and pdh.curve == sevcert.Curve.P384
+    sevcert.verify_signed_by(pdh, pek)
+    assert oct((tmp_path / "psp" / "pdh.key").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(Exception, match="no keys yet"):
+        simpsp.load(tmp_path / "elsewhere", create=False)
+
+
+def test_session_files_are_sevctls_and_unwrap_on_the_platform(platform, tmp_path: Path) -> None:
+    psp, pdh = platform
+    result = _vmctl("owner", "session", "--pdh", str(pdh), "--policy", "NODBG", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "o"
+    assert sorted(p.name for p in out.iterdir()) == ["vm_godh.b64", "vm_session.b64", "vm_tek.bin", "vm_tik.bin"]
+    godh = check_dh_cert((out / "vm_godh.b64").read_bytes(), "godh")
+    session = check_session((out / "vm_session.b64").read_bytes(), "session")
+    tek, tik = (out / "vm_tek.bin").read_bytes(), (out / "vm_tik.bin").read_bytes()
+    assert len(tek) == len(tik) == 16 and oct((out / "vm_tik.bin").stat().st_mode & 0o777) == "0o600"
+    z = owner.shared_secret(psp.pdh_key, sevcert.SevCert.decode(godh))
+    assert owner.unwrap_session(z, owner.SessionBlob.decode(session), 0x5) == (tek, tik)  # NODBG + ES
+    again = _vmctl("owner", "session", "--pdh", str(pdh), "--out", str(out))
+    assert again.exit_code == 3 and "never replaces a file" in again.output
+    assert (out / "vm_tik.bin").read_bytes() == tik
+
+
+def test_session_checks_the_pdh_signature_when_given_the_pek(platform, tmp_path: Path) -> None:
+    psp, pdh = platform
+    pek = tmp_path / "pek.cert"
+    pek.write_bytes(psp.pek_cert())
+    ok = _vmctl("owner", "session", "--pdh", str(pdh), "--pek", str(pek), "--out", str(tmp_path / "a"))
+    assert ok.exit_code == 0, ok.output
+    chain = tmp_path / "chain.cert"
+    chain.write_bytes(pdh.read_bytes() + pek.read_bytes())  # sevctl export's order: PDH, PEK, ...
+    from_chain = _vmctl("owner", "session", "--pdh", str(pdh), "--pek", str(chain), "--out", str(tmp_path / "b"))
+    assert from_chain.exit_code == 0, from_chain.output
+    other = tmp_path / "other.cert"
+    other.write_bytes(simpsp.load(tmp_path / "other-psp").pek_cert())
+    refused = _vmctl("owner", "session", "--pdh", str(pdh), "--pek", str(other), "--out", str(tmp_path / "c"))
+    assert refused.exit_code == 3 and "not signed by the PEK" in refused.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_session_refuses_what_is_not_a_pdh(platform, tmp_path: Path) -> None:
+    psp, _ = platform
+    pek = tmp_path / "pek.cert"
+    pek.write_bytes(psp.pek_cert())
+    short = tmp_path / "short.cert"
+    short.write_bytes(bytes(100))
+    for path, text in ((pek, "not a PDH"), (short, "not valid base64"), (tmp_path / "missing", "cannot read")):
+        result = _vmctl("owner", "session", "--pdh", str(path), "--out", str(tmp_path / "x"))
+        assert result.exit_code == 3 and text in result.output, result.output
+
+
+def _measured(tmp_path: Path, platform) -> tuple:
+    """A model launch with the owner's session, paused after LAUNCH_MEASURE, and its `vmctl measurement --json`."""
+    psp, pdh = platform
+    assert _vmctl("owner", "session", "--pdh", str(pdh), "--out", str(tmp_path / "o")).exit_code == 0
+    out = tmp_path / "o"
+    memory = GuestMemory.with_ram(4 << 20)
+    memory.write(0x100000, bytes(range(256)) * 16)
+    state = vmsa.x86_reset_state(0x00A00F11, cs_base=0, rip=0x100000)
+    plan = measure.LaunchPlan(regions=(measure.MeasuredRegion(0x100000, memory.read(0x100000, 4096), "code"),),
+                              vcpus=measure.build_vcpu_launches([state], init2=True, vmsa_features=0),
+                              policy=0x5, init2=True, vmsa_features=0, cpu_sig=0x00A00F11)
+    model = SevModel(memory, pdh_key=psp.pdh_key)
+    launch = SevEsLaunch(model, plan, dh_cert=check_dh_cert((out / "vm_godh.b64").read_bytes(), "g"),
+                         session=check_session((out / "vm_session.b64").read_bytes(), "s"))
+    launch.run_to_measure(lambda p: None)
+    paused = PausedLaunch(launch, simulated=True, secret_area=(0xA0000, 0x1000))
+    info = paused.info()
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    return out, info, measure.launch_digest(plan), tmp_path / "m.json", paused, memory
+
+
+def test_verify_digest_forms_replay_and_wrong_tik(tmp_path: Path, platform) -> None:
+    out, info, digest, mfile, _, memory = _measured(tmp_path, platform)
+    tik = str(out / "vm_tik.bin")
+    assert info["simulated"] and "proves nothing" in info["note"] and info["state"] == "LSECRET"
+    first = _vmctl("owner", "verify", "--measurement", str(mfile), "--tik", tik, "--digest", digest.hex())
+    assert first.exit_code == 0 and first.output.startswith("match:") and "proves nothing" in first.output
+    again = _vmctl("owner", "verify", "--measurement", str(mfile), "--tik", tik,
+                   "--digest", base64.b64encode(digest).decode())
+    assert again.exit_code == 1 and "REFUSED" in again.output and "replayed" in again.output
+    allowed = _vmctl("owner", "verify", "--measurement", str(mfile), "--tik", tik, "--digest", digest.hex(),
+                     "--allow-replay", "--json")
+    assert allowed.exit_code == 0 and json.loads(allowed.output)["ok"]
+    (tmp_path / "zero.bin").write_bytes(bytes(16))
+    wrong = _vmctl("owner", "verify", "--measurement", str(mfile), "--tik", str(tmp_path / "zero.bin"),
+                   "--digest", digest.hex())
+    assert wrong.exit_code == 1 and "MISMATCH" in wrong.output
+    # the raw 48-byte blob needs the platform version given
+    blob = base64.b64decode(info["measurement"])
+    raw = _vmctl("owner", "verify", "--measurement", blob.hex(), "--tik", tik, "--digest", digest.hex(),
+                 "--allow-replay")
+    assert raw.exit_code == 3 and "--api-version" in raw.output
+    both = _vmctl("owner", "verify", "--measurement", str(mfile), "--tik", tik)
+    assert both.exit_code == 3 and "--digest" in both.output
+    memory.close()
+
+
+def test_secret_packet_opens_in_the_model_and_lands_in_the_secret_page(tmp_path: Path, platform) -> None:
+    out, info, _, mfile, paused, memory = _measured(tmp_path, platform)
+    (tmp_path / "key").write_bytes(b"s3cret")
+    made = _vmctl("owner", "secret", "--tek", str(out / "vm_tek.bin"), "--tik", str(out / "vm_tik.bin"),
+                  "--measurement", str(mfile), "--secret", str(tmp_path / "key"), "--out", str(tmp_path / "p"))
+    assert made.exit_code == 0, made.output
+    header = (tmp_path / "p" / "vm_secret_header.bin").read_bytes()
+    payload = (tmp_path / "p" / "vm_secret_payload.bin").read_bytes()
+    assert len(header) == 52 and len(payload) % 16 == 0
+    with pytest.raises(Exception, match="larger than the secret area"):
+        PausedLaunch(paused.launch, simulated=True, secret_area=(0xA0000, 16)).inject(header, payload, None)
+    assert paused.inject(header, payload, None) == {"gpa": 0xA0000, "length": len(payload)}
+    table = owner.parse_secret_table(memory.read(0xA0000, len(payload)))
+    assert [data for _, data in table] == [b"s3cret"]
+    assert paused.info()["secret_injected"]
+    paused.resume()
+    assert paused.info()["state"] == "RUNNING"
+    with pytest.raises(Exception, match="resumed"):
+        paused.inject(header, payload, None)
+    with pytest.raises(Exception, match="already resumed"):
+        paused.resume()
+    big = tmp_path / "big"
+    big.write_bytes(bytes(5000))
+    refused = _vmctl("owner", "secret", "--tek", str(out / "vm_tek.bin"), "--tik", str(out / "vm_tik.bin"),
+                     "--measurement", str(mfile), "--secret", str(big), "--out", str(tmp_path / "q"))
+    assert refused.exit_code == 3 and "4 KiB page" in refused.output
+    memory.close()
+
+
+def test_no_secret_area_needs_a_gpa(tmp_path: Path, platform) -> None:
+    _, _, _, _, paused, memory = _measured(tmp_path, platform)
+    with pytest.raises(Exception, match="give the guest address with --gpa"):
+        PausedLaunch(paused.launch, simulated=True, secret_area=None).inject(bytes(52), bytes(16), None)
+    memory.close()
+
+
+def test_ovmf_secret_block_from_the_footer_table() -> None:
+    image = bytearray(Path("/usr/share/OVMF/OVMF_CODE_4M.fd").read_bytes())
+    assert ovmf_secret_area(bytes(image)) is None  # Debian's generic build: base 0, size 0 (QEMU: give gpa=)
+    guid = bytes.fromhex("61b32e4c9b7dc34c8081127c90d3d294")  # 4c2eb361-7d9b-4cc3-8081-127c90d3d294, EFI order
+    at = bytes(image).rindex(guid)
+    image[at - 10:at - 2] = (0x80_9000).to_bytes(4, "little") + (0xC00).to_bytes(4, "little")  # data, then u16 len
+    assert ovmf_secret_area(bytes(image)) == (0x80_9000, 0xC00)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('attest = "yes"', "key 'attest': must be true or false"),
+    ('dh_cert = "g.b64"', "key 'session': dh_cert and session go together"),
+    ('attest = true\nplatform = "plain"', "key 'attest': needs an SEV platform"),
+    ("session = 5", "key 'session': must be a file path string"),
+])
+def test_definition_keys_are_checked(extra: str, message: str) -> None:
+    text = 'firmware = "x.bin"\n' + extra + "\n"
+    with pytest.raises(DefinitionError, match=message):
+        parse_definition(text, "t.toml", "t", 0, Path("/defs"))
+
+
+def test_definition_keys_resolve_relative_to_the_file() -> None:
+    d = parse_definition('firmware = "x.bin"\nattest = true\ndh_cert = "o/vm_godh.b64"\nsession = "/abs/s.b64"\n',
+                         "t.toml", "t", 0, Path("/defs"))
+    assert d.attest and d.dh_cert == Path("/defs/o/vm_godh.b64") and d.session == Path("/abs/s.b64")
+    assert d.summary()["attest"] is True
+
+
+def test_bad_base64_and_sizes_are_named() -> None:
+    with pytest.raises(Exception, match="not valid base64"):
+        check_session(b"!!!", "s.b64")
+    with pytest.raises(Exception, match="decodes to 3 bytes; a launch session is 128"):
+        check_session(base64.b64encode(b"abc"), "s.b64")
+    cert = bytearray(sevcert.generate()[0].encode())
+    cert[0] = 7
+    with pytest.raises(Exception, match="not an SEV certificate: SEV certificate version 7"):
+        check_dh_cert(base64.b64encode(bytes(cert)), "g.b64")
+
+
+def test_run_options_need_an_sev_platform(tmp_path: Path) -> None:
+    from vmmd.cli.owner import apply_launch_options
+    from vmmd.machine.platform import Platform
+
+    with pytest.raises(Exception, match="platform plain has none"):
+        apply_launch_options(Platform(), "0x5", None, None, False)
+    with pytest.raises(Exception, match="needs the daemon"):
+        apply_launch_options(Platform(), None, None, None, True)
