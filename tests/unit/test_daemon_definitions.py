@@ -50,7 +50,7 @@ def test_defaults_and_relative_firmware():
 
 @pytest.mark.parametrize("text, key, words", [
     (f'firmware = "{FW}"\nplatform = "sev-snp"\n', "platform", "auto, plain, sev-es, sev-es-emu"),
-    (f'firmware = "{FW}"\nmemroy = "1G"\n', "memroy", "allowed: name, firmware, memory"),
+    (f'firmware = "{FW}"\nmemroy = "1G"\n', "memroy", "allowed: name, firmware, kernel, initrd, append, memory"),
     ('memory = "64M"\n', "firmware", "missing"),
     (f'firmware = "{FW}"\nmemory = "lots"\n', "memory", "not a size"),
     (f'firmware = "{FW}"\nvcpus = 0\n', "vcpus", "must be 1.."),
@@ -165,3 +165,28 @@ cache = "none"
 def test_bad_disk_tables_are_named(tables, message):
     with pytest.raises(DefinitionError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse(f'firmware = "{FW}"\n{tables}\n')
+
+
+def test_a_direct_linux_boot_definition() -> None:
+    d = parse('kernel = "vmlinuz"\ninitrd = "/boot/initrd.gz"\nappend = "console=ttyS0 quiet"\nmemory = "512M"\n')
+    assert d.firmware is None and d.kernel == Path("/etc/vmmd/vms/vmlinuz")  # relative to the definition's folder
+    assert d.initrd == Path("/boot/initrd.gz") and d.append == "console=ttyS0 quiet"
+    assert d.boot_files == [("kernel", d.kernel), ("initrd", d.initrd)]
+    config = d.machine_config()
+    assert (config.kernel, config.initrd, config.append) == (d.kernel, d.initrd, d.append)
+    assert d.summary()["kernel"] == "/etc/vmmd/vms/vmlinuz" and d.summary()["firmware"] is None
+    assert parse('kernel = "k"\n').boot_files == [("kernel", Path("/etc/vmmd/vms/k"))]
+
+
+@pytest.mark.parametrize(("text", "key", "words"), [
+    ('firmware = "a"\nkernel = "b"\n', "firmware", "not both"),
+    ('memory = "64M"\n', "firmware", "or kernel"),
+    ('firmware = "a"\ninitrd = "i"\n', "initrd", "goes with kernel"),
+    ('firmware = "a"\nappend = "x"\n', "append", "goes with kernel"),
+    ('kernel = "k"\nappend = 3\n', "append", "command line"),
+    ('kernel = ""\n', "kernel", "file path"),
+])
+def test_linux_keys_are_checked(text: str, key: str, words: str) -> None:
+    with pytest.raises(DefinitionError) as err:
+        parse(text)
+    assert f"key '{key}'" in str(err.value) and words in str(err.value)

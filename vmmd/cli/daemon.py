@@ -283,7 +283,10 @@ def show_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
     d = guest["definition"]
     lines = [("name", guest["name"]), ("state", guest["state"]), ("owner", f"{_user(guest['owner'])} "
                                                                             f"({guest['owner']})"),
-             ("definition", d["source"] + (" (ad hoc)" if guest["adhoc"] else "")), ("firmware", d["firmware"]),
+             ("definition", d["source"] + (" (ad hoc)" if guest["adhoc"] else "")),
+             *([("kernel", d["kernel"]), ("initrd", d.get("initrd") or "none"),
+                ("append", d["append"] if d.get("append") is not None else "(default) console=ttyS0")]
+               if d.get("kernel") else [("firmware", d["firmware"])]),
              ("memory", _size(d["memory_bytes"])), ("vcpus", str(d["vcpus"])), ("platform", d["platform"]),
              ("timeout", f"{d['timeout']:g} s" if d["timeout"] else "none"),
              ("policy", f"{d['policy']:#x}" if d["policy"] is not None else "default")]

@@ -144,6 +144,12 @@ def _plan(config_or_firmware: Path | None, vcpus: int, cpu_type: str, policy: st
                            c_bit), kernel
     definition = _definition(config_or_firmware)
     firmware = config_or_firmware
+    if definition is not None and definition.kernel is not None:  # a direct Linux boot defined in TOML
+        return _linux_plan(definition.kernel, definition.initrd, definition.append,
+                           memory_bytes if _given("memory") else definition.memory_bytes,
+                           vcpus if _given("vcpus") else definition.cpus, with_net or definition.net is not None,
+                           policy_value if _given("policy") or definition.policy is None else definition.policy,
+                           init2, features, c_bit, definition.disks), definition.kernel
     if definition is not None:
         firmware, guest_arg = definition.firmware, definition.guest_arg
         if not _given("vcpus"):
@@ -173,13 +179,14 @@ def _plan(config_or_firmware: Path | None, vcpus: int, cpu_type: str, policy: st
 
 
 def _linux_plan(kernel: Path, initrd: Path | None, append: str | None, memory_bytes: int, vcpus: int,
-                with_net: bool, policy: int, init2: bool, features: int, c_bit: int) -> LaunchPlan:
-    """A direct Linux boot laid out as `vmctl run --kernel` lays it out (docs/linux-boot.md)."""
+                with_net: bool, policy: int, init2: bool, features: int, c_bit: int, disks: tuple = ()) -> LaunchPlan:
+    """A direct Linux boot laid out as `vmctl run --kernel` lays it out (docs/linux-boot.md); its devices (net,
+    `disks`) are in the measured ACPI tables and command line."""
     from vmmd.machine.config import MachineConfig
     from vmmd.sev.platform import LaunchInputs, linux_digest
 
     config = MachineConfig(firmware=None, kernel=kernel, initrd=initrd, append=append, memory_bytes=memory_bytes,
-                           cpus=vcpus, net="tap" if with_net else None)
+                           cpus=vcpus, net="tap" if with_net else None, disks=tuple(disks))
     inputs = LaunchInputs(policy=policy, init2=init2, vmsa_features=features, c_bit=c_bit)
     try:
         return linux_digest(config, inputs)[1]

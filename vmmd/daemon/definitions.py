@@ -55,7 +55,8 @@ from vmmd.machine.platform import PLATFORM_NAMES
 
 from .protocol import NAME_RE
 
-TOP_KEYS = ("name", "firmware", "memory", "vcpus", "platform", "timeout", "guest_arg", "owner", "description",
+TOP_KEYS = ("name", "firmware", "kernel", "initrd", "append", "memory", "vcpus", "platform", "timeout", "guest_arg",
+            "owner", "description",
             "policy", "console", "network", "disk", "attest", "dh_cert", "session")
 POLICY_KEYS = ("flags", "api_major", "api_minor")
 CONSOLE_KEYS = ("ring", "log")
@@ -73,7 +74,7 @@ class DefinitionError(VmmdError):
 class GuestDefinition:
     name: str
     source: str  # the TOML file (or "-f FILE" path of an ad-hoc guest)
-    firmware: Path
+    firmware: Path | None  # a firmware image, or None for a direct Linux boot (kernel)
     memory_bytes: int = 64 << 20
     cpus: int = 1
     platform: str = "auto"
@@ -89,15 +90,29 @@ class GuestDefinition:
     attest: bool = False  # wait for the guest owner after LAUNCH_MEASURE (vmmd/sev/attest.py)
     dh_cert: Path | None = None  # the guest owner's GODH certificate and session blob (base64 files)
     session: Path | None = None
+    kernel: Path | None = None  # direct Linux boot (docs/linux-boot.md): kernel, initrd, command line
+    initrd: Path | None = None
+    append: str | None = None
     text: str = field(default="", repr=False)  # the TOML text, kept to persist ad-hoc guests
 
     def machine_config(self) -> MachineConfig:
         return MachineConfig(firmware=self.firmware, memory_bytes=self.memory_bytes, cpus=self.cpus,
                              platform=self.platform, timeout=self.timeout, guest_arg=self.guest_arg, name=self.name,
-                             net=self.net, disks=self.disks)
+                             net=self.net, disks=self.disks, kernel=self.kernel, initrd=self.initrd,
+                             append=self.append)
+
+    @property
+    def boot_files(self) -> list[tuple[str, Path]]:
+        """(key, path) of the files the guest boots from, in the order vmmd hands them to its worker."""
+        if self.kernel is not None:
+            return [("kernel", self.kernel)] + ([("initrd", self.initrd)] if self.initrd is not None else [])
+        return [("firmware", self.firmware)]
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "firmware": str(self.firmware),
+        return {"name": self.name, "source": self.source,
+                "firmware": str(self.firmware) if self.firmware is not None else None,
+                "kernel": str(self.kernel) if self.kernel is not None else None,
+                "initrd": str(self.initrd) if self.initrd is not None else None, "append": self.append,
                 "memory_bytes": self.memory_bytes, "vcpus": self.cpus, "platform": self.platform,
                 "timeout": self.timeout, "guest_arg": self.guest_arg, "owner": self.owner,
                 "description": self.description, "policy": self.policy, "console_ring": self.ring_bytes,
@@ -276,13 +291,23 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
     if RESERVED_NAME_RE.fullmatch(name):
         raise _fail(source, "name", f"{name!r} is reserved: run-NUMBER names the guests of `vmctl run` (their taps "
                     "would collide)")
-    if "firmware" not in data:
-        raise _fail(source, "firmware", "missing: the path of a flat 64-bit firmware image is required")
-    if not isinstance(data["firmware"], str) or not data["firmware"]:
-        raise _fail(source, "firmware", f"must be a file path string, got {data['firmware']!r}")
-    firmware = Path(data["firmware"])
-    if not firmware.is_absolute():
-        firmware = (base_dir or Path.cwd()) / firmware
+    if ("firmware" in data) == ("kernel" in data):
+        raise _fail(source, "firmware", "give either firmware (a firmware image) or kernel (a Linux kernel booted "
+                    "directly, docs/linux-boot.md), not both" if "firmware" in data else
+                    "missing: the path of a firmware image, or kernel = the path of a Linux kernel, is required")
+    for key in ("initrd", "append"):
+        if key in data and "kernel" not in data:
+            raise _fail(source, key, "goes with kernel (a direct Linux boot)")
+    paths = {}
+    for key in ("firmware", "kernel", "initrd"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key]:
+                raise _fail(source, key, f"must be a file path string, got {data[key]!r}")
+            path = Path(data[key])
+            paths[key] = path if path.is_absolute() else (base_dir or Path.cwd()) / path
+    append = data.get("append")
+    if append is not None and (not isinstance(append, str) or "\0" in append):
+        raise _fail(source, "append", f"must be the kernel command line as a string, got {append!r}")
     platform = data.get("platform", "auto")
     if platform not in PLATFORM_NAMES:
         raise _fail(source, "platform", f"{platform!r} is not one of: {', '.join(PLATFORM_NAMES)}")
@@ -294,7 +319,8 @@ def parse_definition(text: str, source: str, default_name: str | None = None, de
     if not isinstance(description, str):
         raise _fail(source, "description", "must be a string")
     definition = GuestDefinition(
-        name=name, source=source, firmware=firmware,
+        name=name, source=source, firmware=paths.get("firmware"), kernel=paths.get("kernel"),
+        initrd=paths.get("initrd"), append=append,
         memory_bytes=_size(source, "memory", data.get("memory", "64M")),
         cpus=_int(source, "vcpus", data.get("vcpus", 1), 1, L.MAX_VCPUS),
         platform=platform, timeout=timeout,

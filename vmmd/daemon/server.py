@@ -322,8 +322,8 @@ class Daemon:
             guest = self._find(request["name"], peer, "start")
             if guest.state in ACTIVE:
                 raise _RequestError("EBUSY", f"guest {guest.name!r} is already {guest.state} (pid {guest.pid})")
-            firmware_fd = self._open_firmware(guest.definition, guest.adhoc, peer)
-            disk_fds = self._open_disks(guest.definition, guest.adhoc, peer, firmware_fd)
+            boot_fds = self._open_boot_files(guest.definition, guest.adhoc, peer)
+            disk_fds = self._open_disks(guest.definition, guest.adhoc, peer, boot_fds)
         else:
             parsed, existing = self._adhoc(request["definition"], peer)
             if existing is None and not peer.is_root:
@@ -331,8 +331,8 @@ class Daemon:
                 if owned >= MAX_ADHOC_PER_UID:  # each is kept (and saved) until removed
                     raise _RequestError("EDQUOT", f"uid {peer.uid} already has {owned} ad-hoc guests, the most one "
                                                   "user may keep: `vmctl remove` stopped ones first")
-            firmware_fd = self._open_firmware(parsed, True, peer)  # refused: nothing was registered or replaced
-            disk_fds = self._open_disks(parsed, True, peer, firmware_fd)
+            boot_fds = self._open_boot_files(parsed, True, peer)  # refused: nothing was registered or replaced
+            disk_fds = self._open_disks(parsed, True, peer, boot_fds)
             if existing is not None:
                 existing.definition = parsed
                 guest = existing
@@ -340,15 +340,15 @@ class Daemon:
                 guest = self.registry.guests[parsed.name] = Guest(parsed, adhoc=True,
                                                                   ring=ConsoleRing(parsed.ring_bytes))
         try:
-            return await self._start_worker(guest, peer, firmware_fd, disk_fds)
+            return await self._start_worker(guest, peer, boot_fds, disk_fds)
         finally:
-            for fd in (firmware_fd, *disk_fds):
+            for fd in (*boot_fds, *disk_fds):
                 os.close(fd)
 
-    def _open_disks(self, definition: GuestDefinition, adhoc: bool, peer: Peer, firmware_fd: int) -> list[int]:
+    def _open_disks(self, definition: GuestDefinition, adhoc: bool, peer: Peer, boot_fds: list[int]) -> list[int]:
         """The guest's disk images, opened here for the requesting peer (auth.open_image_for: the same pinned-fd
         rule as firmware, plus write permission for a writable disk) and handed to the worker, which locks them.
-        On a refusal every fd opened so far, `firmware_fd` included, is closed."""
+        On a refusal every fd opened so far, `boot_fds` included, is closed."""
         fds: list[int] = []
         try:
             for i, disk in enumerate(definition.disks):
@@ -362,7 +362,7 @@ class Daemon:
 
                     raise _RequestError("EINVAL", f"{where}: {open_error_sentence(disk, err)}") from None
         except BaseException:
-            for fd in (firmware_fd, *fds):
+            for fd in (*boot_fds, *fds):
                 os.close(fd)
             raise
         return fds
@@ -441,20 +441,29 @@ class Daemon:
         return P.ok(guest=guest.name, attest=guest.attest, **({"injected": answer["injected"]}
                                                                if "injected" in answer else {}))
 
-    def _open_firmware(self, definition: GuestDefinition, adhoc: bool, peer: Peer) -> int:
-        """The guest's firmware, opened here and handed to the worker as an fd. An ad-hoc guest's firmware is
-        opened for the requesting peer (auth.open_for): it must be a file that peer can read, checked on the
-        file opened, so nothing can be swapped in between; the definitions directory is root's choice."""
-        where = f"{definition.source}: key 'firmware'"
+    def _open_boot_files(self, definition: GuestDefinition, adhoc: bool, peer: Peer) -> list[int]:
+        """The guest's firmware, or its kernel and initrd (definition.boot_files), opened here and handed to the
+        worker as fds. An ad-hoc guest's files are opened for the requesting peer (auth.open_for): each must be a
+        file that peer can read, checked on the file opened, so nothing can be swapped in between; the
+        definitions directory is root's choice. On a refusal nothing stays open."""
+        fds: list[int] = []
         try:
-            return open_for(str(definition.firmware), peer if adhoc else None)
-        except AccessDenied as err:
-            raise AccessDenied(f"{where}: {err}; vmmd loads firmware only from files its caller could read") \
-                from None
-        except OSError as err:  # a definition naming a firmware that cannot be loaded: vmctl's exit 3
-            raise _RequestError("EINVAL", f"{where}: cannot open {definition.firmware}: {err.strerror}") from None
+            for key, path in definition.boot_files:
+                where = f"{definition.source}: key '{key}'"
+                try:
+                    fds.append(open_for(str(path), peer if adhoc else None))
+                except AccessDenied as err:
+                    raise AccessDenied(f"{where}: {err}; vmmd loads {key} files only from files its caller could "
+                                       "read") from None
+                except OSError as err:  # a definition naming a file that cannot be loaded: vmctl's exit 3
+                    raise _RequestError("EINVAL", f"{where}: cannot open {path}: {err.strerror}") from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
 
-    async def _start_worker(self, guest: Guest, peer: Peer, firmware_fd: int, disk_fds: list[int] = ()) -> Guest:
+    async def _start_worker(self, guest: Guest, peer: Peer, boot_fds: list[int], disk_fds: list[int] = ()) -> Guest:
         guest.state, guest.error, guest.end, guest.result, guest.build_error = "starting", None, None, None, None
         guest.stop_mode = guest.stop_reason = None
         guest.channel_closed, guest.exit_status, guest.pid = False, None, None
@@ -481,7 +490,7 @@ class Daemon:
         spec = {**guest.definition.summary(), "policy": guest.definition.policy,
                 **self._owner_inputs(guest.definition, guest.adhoc, peer)}
         try:
-            send_fd(worker.sock, MSG_GO + json.dumps(spec).encode(), firmware_fd, *disk_fds)
+            send_fd(worker.sock, MSG_GO + json.dumps(spec).encode(), *boot_fds, *disk_fds)
         except OSError as err:
             self._fail(guest, f"worker {worker.pid} did not take the guest: {err}")
             raise _RequestError("EIO", guest.error) from None

@@ -58,7 +58,7 @@ def _die_with_parent(expected_parent: int) -> None:
         os._exit(1)
 
 
-MAX_FDS = 1 + 4  # the firmware and up to vmmd.block.image.MAX_DISKS disk images
+MAX_FDS = 2 + 4  # the firmware (or a kernel and its initrd) and up to vmmd.block.image.MAX_DISKS disk images
 
 
 def send_fd(sock: socket.socket, payload: bytes, fd: int, *more: int) -> None:
@@ -151,30 +151,37 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     # process is root and nobody checked the path for the requester.
     # Disk images likewise: opened (and checked for the requester) by the daemon, one fd each after the firmware's,
     # in the definition's order; the worker only locks and uses them (vmmd.block.image.open_disk with spec.fd).
+    # A direct Linux boot sends its kernel and initrd the same way, in place of the firmware.
     disks_spec = spec.get("disks") or []
-    if not fds or len(fds) != 1 + len(disks_spec):
+    boot_keys = ["kernel", *(["initrd"] if spec.get("initrd") else [])] if spec.get("kernel") else ["firmware"]
+    if len(fds) != len(boot_keys) + len(disks_spec):
+        for fd in fds:
+            os.close(fd)
         _send_json(sock, MSG_ERROR, {"message": f"vmmd sent {len(fds)} file descriptors with the guest, not "
-                                                f"{1 + len(disks_spec)} (vmmd bug)",
+                                                f"{len(boot_keys) + len(disks_spec)} (vmmd bug)",
                                      "exit_code": int(ExitCode.VMM_ERROR)})
         return int(ExitCode.VMM_ERROR)
-    firmware_fd = fds[0]
     from vmmd.block.image import DiskSpec
 
+    boot = {key: f"/proc/self/fd/{fd}" for key, fd in zip(boot_keys, fds, strict=False)}
     disks = tuple(DiskSpec(d["path"], d["ro"], d["cache"], d["serial"], fd=fd)
-                  for d, fd in zip(disks_spec, fds[1:], strict=True))
-    firmware = f"/proc/self/fd/{firmware_fd}"
+                  for d, fd in zip(disks_spec, fds[len(boot_keys):], strict=True))
 
     def named(text: str) -> str:
-        """Messages name the firmware as the definition does, not by its descriptor."""
-        return (text.replace(firmware, spec["firmware"])
-                .replace(f"firmware {firmware_fd} ", f"firmware {os.path.basename(spec['firmware'])} "))
+        """Messages name the boot files as the definition does, not by their descriptors."""
+        for key, proc_path in boot.items():
+            fd = proc_path.rsplit("/", 1)[1]
+            text = (text.replace(proc_path, spec[key])
+                    .replace(f"{key} {fd} ", f"{key} {os.path.basename(spec[key])} "))
+        return text
 
     _prctl(PR_SET_NAME, f"vmmd:{name}"[:15].encode())
     console = Console(_ChannelOut(sock), line_buffered=True)
     try:
-        config = MachineConfig(firmware=firmware, memory_bytes=spec["memory_bytes"], cpus=spec["vcpus"],
+        config = MachineConfig(firmware=boot.get("firmware"), memory_bytes=spec["memory_bytes"], cpus=spec["vcpus"],
                                platform=spec["platform"], timeout=spec["timeout"], guest_arg=spec["guest_arg"],
-                               name=name, net=spec["net"], disks=disks).validate()
+                               name=name, net=spec["net"], disks=disks, kernel=boot.get("kernel"),
+                               initrd=boot.get("initrd"), append=spec.get("append")).validate()
         platform, note = select_platform(config.platform)
         policy_note = _apply_policy(platform, spec.get("policy"))
         from vmmd.daemon.attested import apply_launch_inputs, serve_paused
