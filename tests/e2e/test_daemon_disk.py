@@ -56,6 +56,7 @@ def test_defined_guest_writes_its_disk_and_show_lists_it(daemon):
     assert np.array_equal(np.fromfile(img, dtype="<u8"), pattern(DISK_BYTES))
     shown = daemon.vmctl("show", "blk").stdout.decode()
     assert "disk 0" in shown and f"{img} (rw, cache=writeback, serial=d0)" in shown, shown
+    assert "disk 0 I/O" in shown and "ioeventfd" in shown, shown  # the fast path this VM got
     console = daemon.vmctl("console", "blk").stdout.decode()
     assert "blk: ok" in console, console
 

@@ -296,6 +296,8 @@ def show_cmd(name: str, as_json: bool, socket_path: str | None) -> None:
         lines.append((f"disk {i}", f"{disk['path']} ({', '.join(opts)})"))
     if guest.get("platform_note"):
         lines.append(("running on", guest["platform_note"]))
+    for device, path in (guest.get("io_paths") or {}).items():
+        lines.append((f"{device} I/O", path))
     if guest.get("launch_digest"):
         lines.append(("launch digest", guest["launch_digest"]))
     attest = guest.get("attest")

@@ -60,6 +60,7 @@ class Guest:
     build_seconds: float | None = None  # in the worker: definition received -> Machine built
     platform: str | None = None  # what the last start runs on (the definition may say "auto")
     platform_note: str | None = None
+    io_paths: dict | None = None  # virtio device -> its notify/interrupt path (Machine.io_paths()), of the last start
     digest: str | None = None
     policy_note: str | None = None
     ring: ConsoleRing = field(default_factory=lambda: ConsoleRing(64 << 10))
@@ -97,7 +98,8 @@ class Guest:
         return {**self.summary(), "definition": self.definition.summary(), "started_at": self.started_at,
                 "ended_at": self.ended_at, "first_byte_seconds": self.first_byte_seconds,
                 "build_seconds": self.build_seconds,
-                "platform_note": self.platform_note, "launch_digest": self.digest, "policy_note": self.policy_note,
+                "platform_note": self.platform_note, "io_paths": self.io_paths, "launch_digest": self.digest,
+                "policy_note": self.policy_note,
                 "starts": self.starts, "attest": self.attest}
 
 

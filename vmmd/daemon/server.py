@@ -566,6 +566,7 @@ class Daemon:
             elif kind == MSG_STARTED:
                 info = json.loads(body)
                 guest.platform_note, guest.digest, guest.policy_note = info["note"], info["digest"], info["policy"]
+                guest.io_paths = info.get("io_paths")
                 guest.platform = info["platform"]
                 guest.build_seconds = info.get("build_seconds")
                 guest.attest = info.get("attest")

@@ -204,6 +204,7 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     _send_json(sock, MSG_STARTED, {"pid": os.getpid(), "platform": platform.name, "note": note,
                                    "policy": policy_note, "build_seconds": time.monotonic() - t_go,
                                    "digest": launch.expected_digest.hex() if launch is not None else None,
+                                   "io_paths": machine.io_paths(),
                                    "attest": paused.info() if paused is not None else None})
     if paused is not None:
         ended = serve_paused(sock, machine, paused, MAX_MESSAGE, MSG_STOP)

@@ -194,6 +194,15 @@ class Machine:
             raise
         return self
 
+    def io_paths(self) -> dict[str, str]:
+        """How each virtio device's notifies and interrupts travel (vmmd.devices.virtio_fastpath), by device."""
+        paths = {}
+        if self.network is not None:
+            paths["virtio-net"] = self.network.io_path
+        for i, disk in enumerate(self.disks.disks if self.disks is not None else []):
+            paths[f"disk {i}"] = disk.io_path
+        return paths
+
     @property
     def wants_irqchip(self) -> bool:
         """Does this guest need the in-kernel irqchip and PIT? Linux does (interrupt-driven devices, timer,
