@@ -6,6 +6,7 @@ that drops to uid 65534), real signals. Every guest is tiny; the whole module st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,6 +110,22 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def scratch_daemon(prefix: str):
+    """A started Daemon in a fresh directory of its own (a group for unprivileged clients), stopped and removed
+    afterwards: the module fixture of daemon test files that need no predefined guests."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)
+    d = Daemon(root, group=_free_gid())
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ listing them, and a locked image refused with a sentence."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 
 from tests.as_user import run_as_user
 from tests.e2e.conftest import guest
-from tests.e2e.test_daemon import NOBODY, Daemon, _free_gid
+from tests.e2e.test_daemon import NOBODY, scratch_daemon
 from tests.e2e.test_disk import DISK_BYTES, pattern
 from vmmd.block.image import DiskSpec, open_disk
 from vmmd.daemon.protocol import Client, DaemonError
@@ -24,14 +22,8 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def daemon():
-    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-disk-"))
-    os.chmod(root, 0o755)
-    d = Daemon(root, group=_free_gid())
-    d.start()
-    yield d
-    if d.proc.poll() is None:
-        d.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_daemon("vmmd-e2e-disk-") as d:
+        yield d
 
 
 def definition(name: str, firmware: str, disks: list[str], guest_arg: int = 0) -> str:

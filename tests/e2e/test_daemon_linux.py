@@ -6,15 +6,12 @@ from the same definition; a missing initrd or a definition giving firmware and k
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import vmctl
-from tests.e2e.test_daemon import Daemon, _free_gid
+from tests.e2e.test_daemon import Daemon, scratch_daemon
 from tests.linux_guest import INITRAMFS, VMLINUZ, missing
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,14 +22,8 @@ APPEND = "console=ttyS0 panic=-1"
 def daemon():
     if missing():
         pytest.fail(missing())
-    root = Path(tempfile.mkdtemp(prefix="vmmd-e2e-linux-"))
-    os.chmod(root, 0o755)
-    d = Daemon(root, group=_free_gid())
-    d.start()
-    yield d
-    if d.proc.poll() is None:
-        d.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_daemon("vmmd-e2e-linux-") as d:
+        yield d
 
 
 def define(daemon: Daemon, name: str, **keys: object) -> Path:

@@ -190,32 +190,37 @@ class Virtqueue:
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.used_flags_idx[1] = self.used_idx  # after the entry: x86 stores are ordered (TSO)
 
+    def _write_chain(self, fd: int, head: int, skip: int) -> int:
+        """Write the device-readable chain at `head` to `fd` in one writev(), minus its first `skip` bytes;
+        1 when it was dropped (nothing after the skip, or the fd refused it), else 0."""
+        buffers = self.windows.buffer
+        parts = []
+        to_skip = skip
+        for addr, length in self.chain(head, writable=False):
+            if to_skip >= length:
+                to_skip -= length
+                continue
+            parts.append(buffers(addr + to_skip, length - to_skip))
+            to_skip = 0
+        if to_skip or not parts:
+            return 1
+        try:
+            os.writev(fd, parts)
+        except OSError as err:
+            if err.errno not in _DROP_ERRNOS:
+                raise
+            return 1
+        return 0
+
     def _drain_few(self, fd: int, skip: int, n: int) -> tuple[int, int]:
         """drain_to_fd() for a handful of chains, in plain Python: each chain walked and checked by chain()."""
         dropped = 0
-        buffers = self.windows.buffer
         self.visited = 0
         for _ in range(n):
             head = int(self.avail_ring[self.last_avail & self.mask])
             if head >= self.size:
                 raise VirtqueueError(f"queue {self.index}: avail ring entry {head} is past the queue size {self.size}")
-            parts = []
-            to_skip = skip
-            for addr, length in self.chain(head, writable=False):
-                if to_skip >= length:
-                    to_skip -= length
-                    continue
-                parts.append(buffers(addr + to_skip, length - to_skip))
-                to_skip = 0
-            if to_skip or not parts:
-                dropped += 1
-            else:
-                try:
-                    os.writev(fd, parts)
-                except OSError as err:
-                    if err.errno not in _DROP_ERRNOS:
-                        raise
-                    dropped += 1
+            dropped += self._write_chain(fd, head, skip)
             self.last_avail = (self.last_avail + 1) & 0xFFFF
             self.push_used(head, 0)
         return n, dropped
@@ -296,31 +301,13 @@ class Virtqueue:
                                 raise
                             dropped += 1
         else:
-            buffers = self.windows.buffer
             self.visited = 0
             taken = 0
             for head in heads.tolist():
                 if self.visited >= DESCRIPTOR_BUDGET:
                     break  # the rest waits for the next pass
                 taken += 1
-                segments = self.chain(head, writable=False)
-                parts = []
-                to_skip = skip
-                for addr, length in segments:
-                    if to_skip >= length:
-                        to_skip -= length
-                        continue
-                    parts.append(buffers(addr + to_skip, length - to_skip))
-                    to_skip = 0
-                if to_skip or not parts:
-                    dropped += 1
-                    continue
-                try:
-                    os.writev(fd, parts)
-                except OSError as err:
-                    if err.errno not in _DROP_ERRNOS:
-                        raise
-                    dropped += 1
+                dropped += self._write_chain(fd, head, skip)
             if taken < n:
                 n, heads = taken, heads[:taken]
         used_positions = (self.used_idx + np.arange(n, dtype=np.int64)) & self.mask
