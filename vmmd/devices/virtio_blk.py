@@ -43,7 +43,6 @@ import numpy as np
 from vmmd.devices.virtio_mmio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VirtioMmio
 from vmmd.devices.virtqueue import (
     DESCRIPTOR_BUDGET,
-    VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     Virtqueue,
@@ -362,35 +361,7 @@ class VirtioBlk:
                       written=np.zeros(len(taken), dtype=np.int64), slow=requests, status_bufs=window_status)
 
     def _parse_chain(self, q: Virtqueue, head: int) -> _Request:
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
-        total = 0
-        index = head
-        for _ in range(q.size):
-            q.visited += 1
-            addr, length, flags, nxt = q.desc[index].tolist()
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                raise _Malformed(f"descriptor {index} is indirect, a feature this device did not offer")
-            total += length
-            if total > self.max_chain_bytes:
-                raise _Malformed(f"chain at {head} is {total} bytes or more, over the limit of "
-                                 f"{self.max_chain_bytes}")
-            if length:
-                q.windows.locate(addr, length)
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append((addr, length))
-                elif writable:
-                    raise _Malformed(f"chain at {head}: device-readable descriptor {index} after a device-writable "
-                                     "one (spec 2.7.4.2)")
-                else:
-                    readable.append((addr, length))
-            if not flags & VIRTQ_DESC_F_NEXT:
-                break
-            if nxt >= q.size:
-                raise _Malformed(f"descriptor {index} links to {nxt}, past the queue size {q.size}")
-            index = nxt
-        else:
-            raise _Malformed(f"descriptor chain at {head} loops (longer than the queue size {q.size})")
+        readable, writable = q.split_chain(head)
         if not writable:
             raise _Malformed(f"chain at {head} has no device-writable status byte (the status must be the last "
                              "byte, in a device-writable buffer)")

@@ -153,7 +153,16 @@ class Virtqueue:
     # --- chains ----------------------------------------------------------------------------------------------------
     def chain(self, head: int, writable: bool) -> list[tuple[int, int]]:
         """(gpa, len) segments of the chain at `head`, all device-writable (or all readable), checked."""
-        segments = []
+        readable, written = self.split_chain(head, only=writable)
+        return written if writable else readable
+
+    def split_chain(self, head: int, only: bool | None = None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(device-readable, device-writable) (gpa, len) segments of the chain at `head`, checked: no indirect
+        descriptors, readable ones before writable ones (spec 2.7.4.2), every buffer inside the DMA windows, the
+        total under max_chain_bytes, no link past the queue, no loop. With `only` True (False) every descriptor
+        must be device-writable (readable): a receive (transmit) chain."""
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
         total = 0
         index = head
         desc = self.desc
@@ -163,19 +172,23 @@ class Virtqueue:
             if flags & VIRTQ_DESC_F_INDIRECT:
                 raise VirtqueueError(f"queue {self.index}: descriptor {index} is indirect, a feature this device "
                                      "did not offer")
-            if bool(flags & VIRTQ_DESC_F_WRITE) != writable:
+            is_write = bool(flags & VIRTQ_DESC_F_WRITE)
+            if only is not None and is_write != only:
                 raise VirtqueueError(f"queue {self.index}: descriptor {index} is device-"
-                                     f"{'readable' if writable else 'writable'} in a "
-                                     f"{'receive' if writable else 'transmit'} chain")
+                                     f"{'readable' if only else 'writable'} in a "
+                                     f"{'receive' if only else 'transmit'} chain")
             total += length
             if total > self.max_chain_bytes:
                 raise VirtqueueError(f"queue {self.index}: chain at {head} is {total} bytes or more, over the limit "
                                      f"of {self.max_chain_bytes}")
             if length:
                 self.windows.locate(addr, length)
-                segments.append((addr, length))
+                if not is_write and writable:
+                    raise VirtqueueError(f"queue {self.index}: chain at {head}: device-readable descriptor {index} "
+                                         "after a device-writable one (spec 2.7.4.2)")
+                (writable if is_write else readable).append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return segments
+                return readable, writable
             if nxt >= self.size:
                 raise VirtqueueError(f"queue {self.index}: descriptor {index} links to {nxt}, past the queue size "
                                      f"{self.size}")
