@@ -228,10 +228,14 @@ def emulated_launch(machine, inputs: LaunchInputs):
                 machine.launch_note = f"not an SEV-ES launchable image: {err}"
                 return None
         elif machine.image.kind == LINUX:
-            from vmmd.machine.machine import load_kernel
+            from vmmd.machine.loader import build_page_tables
 
-            image, cr3 = load_kernel(copy, cfg, inputs.c_bit)
-            plan = linux_launch_plan(copy, image, cr3, inputs)
+            # The guest's own bytes, read once by the loader: the sev-es layout differs from this run's only in
+            # the C-bit of the initial page tables, which are rebuilt over the copied ones.
+            for gpa, size, _name in machine.image.measured_regions():
+                copy.write(gpa, machine.memory.buffer(gpa, size))
+            cr3 = build_page_tables(copy, inputs.c_bit)
+            plan = linux_launch_plan(copy, machine.image, cr3, inputs)
         else:
             from vmmd.machine.machine import disk_gpas  # the boot-info page names the devices: it is measured
 
