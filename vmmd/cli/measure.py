@@ -139,25 +139,21 @@ def _plan(config_or_firmware: Path | None, vcpus: int, cpu_type: str, policy: st
         raise click.UsageError("give a firmware image, a guest definition (.toml) or --kernel, and only one")
     if kernel is None and (initrd is not None or append is not None):
         raise click.UsageError("--initrd and --append go with --kernel")
-    if kernel is not None:
-        return _linux_plan(kernel, initrd, append, memory_bytes, vcpus, with_net, policy_value, init2, features,
-                           c_bit), kernel
-    definition = _definition(config_or_firmware)
-    firmware = config_or_firmware
-    if definition is not None and definition.kernel is not None:  # a direct Linux boot defined in TOML
-        return _linux_plan(definition.kernel, definition.initrd, definition.append,
-                           memory_bytes if _given("memory") else definition.memory_bytes,
-                           vcpus if _given("vcpus") else definition.cpus, with_net or definition.net is not None,
-                           policy_value if _given("policy") or definition.policy is None else definition.policy,
-                           init2, features, c_bit, definition.disks), definition.kernel
+    definition = _definition(config_or_firmware) if config_or_firmware is not None else None
+    firmware, disks = config_or_firmware, ()
     if definition is not None:
         firmware, guest_arg = definition.firmware, definition.guest_arg
+        kernel, initrd, append = definition.kernel, definition.initrd, definition.append  # a direct Linux boot
+        with_net, disks = with_net or definition.net is not None, definition.disks
         if not _given("vcpus"):
             vcpus = definition.cpus
         if not _given("memory"):
             memory_bytes = definition.memory_bytes
         if not _given("policy") and definition.policy is not None:
             policy_value = definition.policy
+    if kernel is not None:
+        return _linux_plan(kernel, initrd, append, memory_bytes, vcpus, with_net, policy_value, init2, features,
+                           c_bit, disks), kernel
     if firmware_kind(firmware) != RESET_VECTOR:  # a vmmd flat firmware image: measured as vmctl run loads it
         from vmmd.sev.platform import LaunchInputs, flat_image_digest
 
