@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from vmmd.machine.layout import SLEEP_CONTROL_PORT, SLEEP_TYPE_S5  # FADT SLEEP_CONTROL_REG; STATUS next
-from vmmd.machine.mptable import APIC_DEFAULT_PHYS_BASE, IO_APIC_DEFAULT_PHYS_BASE
+from vmmd.machine.mptable import APIC_DEFAULT_PHYS_BASE, IO_APIC_DEFAULT_PHYS_BASE, checksum8
 
 ACPI_GPA = 0xE0000
 ACPI_MAX_BYTES = 0x20000  # up to 1 MiB
@@ -49,16 +49,12 @@ class MmioDevice:
     irq: int
 
 
-def _checksum(data: bytes) -> int:
-    return -sum(data) & 0xFF
-
-
 def _table(signature: bytes, revision: int, body: bytes) -> bytes:
     """An ACPI table: the 36-byte description header (5.2.6) before `body`, checksummed."""
     length = 36 + len(body)
     header = struct.pack("<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, b"VMMD", 1)
     data = bytearray(header + body)
-    data[9] = _checksum(data)
+    data[9] = checksum8(data)
     return bytes(data)
 
 
@@ -174,8 +170,8 @@ def build_fadt(dsdt_gpa: int) -> bytes:
 def _rsdp(xsdt_gpa: int) -> bytes:
     """RSDP revision 2 (5.2.5.3): checksum over the first 20 bytes, extended checksum over all 36."""
     data = bytearray(struct.pack("<8sB6sBIIQB3x", b"RSD PTR ", 0, OEM_ID, 2, 0, 36, xsdt_gpa, 0))
-    data[8] = _checksum(data[:20])
-    data[32] = _checksum(data)
+    data[8] = checksum8(data[:20])
+    data[32] = checksum8(data)
     return bytes(data)
 
 

@@ -33,8 +33,8 @@ CPU_FEATURE_FPU, CPU_FEATURE_APIC = 1 << 0, 1 << 9
 MAX_CPUS = MAX_VCPUS  # xAPIC IDs are 8 bits, 0xFF is the broadcast ID and the IOAPIC takes one
 
 
-def _checksum(data: bytes) -> int:
-    """The byte that makes the sum of `data` plus it 0 mod 256."""
+def checksum8(data: bytes) -> int:
+    """The byte that makes the sum of `data` plus it 0 mod 256 (the MP and ACPI tables' checksum rule)."""
     return -sum(data) & 0xFF
 
 
@@ -62,9 +62,9 @@ def build_mptable(cpus: int) -> tuple[bytes, bytes]:
         return struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", length, 4, checksum, b"VMMD    ", b"vmmd        ", 0, 0,
                            len(entries), APIC_DEFAULT_PHYS_BASE, 0, 0, 0)
 
-    table = header(_checksum(header(0) + body)) + body
+    table = header(checksum8(header(0) + body)) + body
 
     def pointer(checksum: int) -> bytes:
         return struct.pack("<4sIBBB5x", b"_MP_", MPTABLE_GPA, 1, 4, checksum)
 
-    return table, pointer(_checksum(pointer(0)))
+    return table, pointer(checksum8(pointer(0)))
