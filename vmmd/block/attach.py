@@ -32,14 +32,7 @@ class Disk:
 
     @property
     def io_path(self) -> str:
-        """How notifies and interrupts reach the device: its fast path, or the run loop's exit path."""
-        fast_path = self.transport.fast_path
-        return fast_path.describe() if fast_path is not None else "notify through the exit path"
-
-    def close_fast_path(self) -> None:
-        if self.transport.fast_path is not None:
-            self.transport.fast_path.close()
-            self.transport.fast_path = None
+        return self.transport.io_path
 
 
 class DisksHandle:
@@ -50,7 +43,7 @@ class DisksHandle:
 
     def close(self) -> None:
         for disk in self.disks:
-            for what, step in (("stop the notify thread", disk.close_fast_path), ("stop the I/O thread",
+            for what, step in (("stop the notify thread", disk.transport.close_fast_path), ("stop the I/O thread",
                                                                                    disk.device.close),
                                ("close the image", disk.image.close)):
                 try:
@@ -81,8 +74,8 @@ def attach_disks(machine, specs: list[DiskSpec]) -> DisksHandle:
                 machine.mmio_bus.insert(transport, disk_mmio_gpa(index), L.VIRTIO_MMIO_SIZE)
                 attach_fast_path(machine, transport, disk_mmio_gpa(index), L.VIRTIO_BLK_IRQS[index], device.name)
             except BaseException:
-                if transport is not None and transport.fast_path is not None:
-                    transport.fast_path.close()
+                if transport is not None:
+                    transport.close_fast_path()
                 if device is not None:
                     device.close()
                 image.close()

@@ -309,6 +309,17 @@ class VirtioMmio:
         return int.from_bytes(data.ljust(size, b"\0"), "little")
 
     # --- the notify thread (vmmd.devices.virtio_fastpath) ------------------------------------------------------------
+    @property
+    def io_path(self) -> str:
+        """How notifies and interrupts reach the device: its fast path, or the run loop's exit path."""
+        return self.fast_path.describe() if self.fast_path is not None else "notify through the exit path"
+
+    def close_fast_path(self) -> None:
+        """Stop the notify thread and give back the eventfds (before the VM goes); notifies then exit again."""
+        if self.fast_path is not None:
+            self.fast_path.close()
+            self.fast_path = None
+
     def serve_notify(self, index: int) -> None:
         """A queue's eventfd fired (KVM's ioeventfd, or kick_queue() from the exit path): serve the queue."""
         with self.lock:

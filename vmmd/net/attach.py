@@ -114,16 +114,9 @@ class NetworkHandle:
         self.created_bridge = created_bridge
         self.mmio_gpa = mmio_gpa
 
-    def _close_fast_path(self) -> None:
-        if self.transport.fast_path is not None:
-            self.transport.fast_path.close()
-            self.transport.fast_path = None
-
     @property
     def io_path(self) -> str:
-        """How notifies and interrupts reach the device: its fast path, or the run loop's exit path."""
-        fast_path = self.transport.fast_path
-        return fast_path.describe() if fast_path is not None else "notify through the exit path"
+        return self.transport.io_path
 
     @property
     def tap_name(self) -> str:
@@ -134,7 +127,7 @@ class NetworkHandle:
         return names.format_mac(self.device.mac)
 
     def close(self) -> None:
-        steps = [("stop the notify thread", self._close_fast_path),
+        steps = [("stop the notify thread", self.transport.close_fast_path),
                  ("stop the device thread", self.device.close),
                  ("remove the tap", lambda: tap.delete_link(self.tap.name)),
                  ("close the tap fd", self.tap.close)]
@@ -195,11 +188,11 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
                            vhost=VhostNet() if use_vhost else None)
         transport = VirtioMmio(device, windows, irq=_irq_line(machine))
         machine.mmio_bus.insert(transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_MMIO_SIZE)
-        fast_path = attach_fast_path(machine, transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_NET_IRQ, device.name,
-                                     serve_queues=not use_vhost, watches=device.vhost_call_watches(transport))
+        attach_fast_path(machine, transport, L.VIRTIO_NET_MMIO_GPA, L.VIRTIO_NET_IRQ, device.name,
+                         serve_queues=not use_vhost, watches=device.vhost_call_watches(transport))
     except BaseException:
-        if transport is not None and transport.fast_path is not None:
-            transport.fast_path.close()
+        if transport is not None:
+            transport.close_fast_path()
         if device is not None:
             device.close()
         try:
@@ -210,7 +203,7 @@ def attach_network(machine, spec: str | NetSpec) -> NetworkHandle:
                 tap.delete_link(created_bridge)
         raise
     log.info("guest %s: virtio-net at %#x, tap %s, MAC %s, %s", guest, L.VIRTIO_NET_MMIO_GPA, tap_dev.name,
-             names.format_mac(mac), fast_path.describe() if fast_path is not None else "exit path")
+             names.format_mac(mac), transport.io_path)
     return NetworkHandle(tap_dev, device, transport, created_bridge, L.VIRTIO_NET_MMIO_GPA)
 
 
