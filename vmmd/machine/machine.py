@@ -149,11 +149,7 @@ class Machine:
                                 "(KVM_CAP_MAX_VCPUS)")
             self.memory = GuestMemory.with_ram(cfg.memory_bytes)
             self.firmware_kind = LINUX if cfg.kernel is not None else firmware_kind(cfg.firmware, cfg.firmware_type)
-            if self.firmware_kind == LINUX:
-                if cfg.cpus > 1 and self.platform.name == "sev-es":
-                    from vmmd.sev.platform import LINUX_APS_REFUSED
-
-                    raise VmmdError(LINUX_APS_REFUSED)
+            if self.firmware_kind == LINUX:  # sev-es refuses more than one vCPU in its launch plan
                 image, cr3 = load_kernel(self.memory, cfg, self.platform.c_bit)
             elif self.firmware_kind == RESET_VECTOR:
                 if cfg.cpus > 1 and self.platform.name != "sev-es":

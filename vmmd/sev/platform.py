@@ -157,8 +157,6 @@ def linux_digest(config, inputs: LaunchInputs) -> tuple[bytes, measure.LaunchPla
     from vmmd.machine.machine import load_kernel
     from vmmd.sev import measure
 
-    if config.cpus != 1:
-        raise VmmdError(LINUX_APS_REFUSED)
     memory = GuestMemory.with_ram(config.memory_bytes)
     try:
         image, cr3 = load_kernel(memory, config, inputs.c_bit)
