@@ -19,6 +19,7 @@ The last line of output is one JSON object.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -50,8 +51,6 @@ def main() -> int:
     parser.add_argument("--high", type=int, default=6000, help="notifies in the long run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per count (best is kept)")
     args = parser.parse_args()
-    import os
-
     if os.geteuid() != 0:
         print("notify.py needs root (it creates a tap)", file=sys.stderr)
         return EXIT_NOT_RUN
