@@ -186,3 +186,47 @@ def test_a_named_run_keeps_its_name(netns_name):
                             "--net", "tap", "--name", "web1"], preexec_fn=lambda: netns.setns(netns_name),
                            capture_output=True, text=True, timeout=40, cwd=REPO)
     assert named.returncode == 0 and "vmmd-web1" in named.stderr, named.stderr
+
+
+NET_TX_ETHERTYPE = 0x88B5  # firmware/guests/net-tx.c's frames (local experimental ethertype)
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("per_notify", [1, 64])
+@pytest.mark.parametrize("eventfds", ["auto", "off"])
+@pytest.mark.parametrize("platform", ["plain", "sev-es-emu"])
+def test_benchmark_guest_frames_all_reach_the_tap(netns_name, platform: str, per_notify: int, eventfds: str):
+    """net-tx (scripts/bench/notify.py and net.py) sends every frame, one or a ring per notify, on both paths: each
+    arrives on the host side of the tap once, 64 bytes to 02:00:00:00:00:99."""
+    frames = 300
+
+    def make():
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(NET_TX_ETHERTYPE))
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        s.setblocking(False)
+        return s
+
+    capture = in_netns(netns_name, make)
+    try:
+        from pyroute2 import netns
+
+        proc = subprocess.run([sys.executable, "-m", "vmmd.cli", "run", guest("net-tx"), "-p", platform, "-t", "60",
+                               "--net", "tap,host-ip=10.0.2.2/24", "--eventfds", eventfds,
+                               "--guest-arg", str(per_notify << 32 | frames)],
+                              preexec_fn=lambda: netns.setns(netns_name), capture_output=True, text=True,
+                              timeout=100, cwd=REPO)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        via = "GHCB MMIO" if platform == "sev-es-emu" else "MMIO"
+        assert f"net-tx: sent {frames} frames, {per_notify} per notify, via {via}\n" in proc.stdout, out
+        seen = []
+        while True:
+            try:
+                seen.append(capture.recv(2048))
+            except BlockingIOError:
+                break
+    finally:
+        capture.close()
+    assert len(seen) == frames, out
+    assert all(len(f) == 64 and f[:6] == bytes.fromhex("020000000099") and f[12:14] == b"\x88\xb5" for f in seen)
