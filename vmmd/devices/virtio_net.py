@@ -152,11 +152,13 @@ class VirtioNet:
                 continue
             if self._stopping:
                 break
-            if any(fd == self._event_fd for fd, _mask in events):
-                try:
-                    os.eventfd_read(self._event_fd)
-                except BlockingIOError:
-                    pass
+            for fd, _mask in events:
+                if fd == self._event_fd:
+                    try:
+                        os.eventfd_read(self._event_fd)
+                    except BlockingIOError:
+                        pass
+                    break
             want_tap = self._service()
             if want_tap != tap_registered:
                 if want_tap:
@@ -185,7 +187,7 @@ class VirtioNet:
                         self.stats["tx_dropped"] += dropped
                     if tx.available():  # the pass ran out of budget: go on after releasing the lock
                         self._kick()
-                if rx is not None:
+                if rx is not None and rx.available():
                     if self.vnet_hdr:  # the kernel writes the header; num_buffers (offset 10) must say 1
                         delivered, _ = rx.fill_from_fd(self.tap_fd, b"", (10, b"\x01\x00"))
                     else:
