@@ -8,6 +8,7 @@ device is tested without CAP_NET_ADMIN (tests/unit/test_tap.py covers real taps)
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -79,6 +80,28 @@ def test_tx_single_descriptor_frames(net, memory):
     assert d.r("int_status") & 1
     d.w("int_ack", 1)
     assert d.r("int_status") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_polling_driver_gets_no_interrupt(net, memory):
+    """VIRTQ_AVAIL_F_NO_INTERRUPT on the TX ring (a driver polling it): the frames go and the used ring moves, but
+    InterruptStatus stays clear (spec 2.7.7.2); once the driver clears the flag the next frame interrupts again."""
+    device, t, d, host, rx, tx = net
+    memory.write(tx.avail, struct.pack("<H", 1))  # avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT
+    for i in range(2):
+        memory.write(BUFS + 2048 * i, bytes(HDR) + frame(i))
+        tx.set_desc(i, BUFS + 2048 * i, HDR + 60)
+    tx.offer(0)
+    d.notify(1)
+    assert host.recv(4096) == frame(0)
+    assert wait_for(lambda: tx.used_idx() == 1)
+    time.sleep(0.05)  # the pass ends after the used index is written
+    assert d.r("int_status") == 0
+    memory.write(tx.avail, struct.pack("<H", 0))
+    tx.offer(1)
+    d.notify(1)
+    assert host.recv(4096) == frame(1)
+    assert wait_for(lambda: d.r("int_status") & 1)
 
 
 @pytest.mark.timeout(60)

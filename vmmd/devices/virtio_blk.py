@@ -273,7 +273,7 @@ class VirtioBlk:
             if generation != self._generation or transport.queues[0] is not q or not transport.driver_ok:
                 return False  # reset meanwhile: the rings are no longer the driver's
             self._complete(q, batch)
-            transport.signal_used()
+            transport.signal_used(q)
             return q.available() > 0
 
     # --- parsing (under the transport lock) --------------------------------------------------------------------------

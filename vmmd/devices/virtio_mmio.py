@@ -348,8 +348,13 @@ class VirtioMmio:
             self.irq(False)
 
     # --- called by the backend (device thread, under self.lock) ------------------------------------------------------
-    def signal_used(self) -> None:
-        """Used buffers were added: InterruptStatus bit 0, and the interrupt where one exists."""
+    def signal_used(self, *queues: Virtqueue) -> None:
+        """Used buffers were added (to `queues`): InterruptStatus bit 0, and the interrupt where one exists - unless
+        the driver set VIRTQ_AVAIL_F_NO_INTERRUPT on every one of those queues, which means it polls them (spec
+        2.7.7.2 "the device SHOULD NOT send a notification"; QEMU virtio_should_notify()). Without queues (vhost's
+        call eventfd, which the kernel signals only when the driver wants it) the interrupt always goes."""
+        if queues and not any(q.wants_interrupt() for q in queues):
+            return
         self.interrupt_status |= VIRTIO_MMIO_INT_VRING
         self._raise_irq()
 

@@ -177,12 +177,12 @@ class VirtioNet:
             if not transport.driver_ok:
                 return False
             rx, tx = transport.queues[RX_QUEUE], transport.queues[TX_QUEUE]
-            used = False
+            used: list[Virtqueue] = []
             try:
                 if tx is not None:
                     n, dropped = tx.drain_to_fd(self.tap_fd, 0 if self.vnet_hdr else VIRTIO_NET_HDR_SIZE)
                     if n:
-                        used = True
+                        used.append(tx)
                         self.stats["tx_frames"] += n - dropped
                         self.stats["tx_dropped"] += dropped
                     if tx.available():  # the pass ran out of budget: go on after releasing the lock
@@ -193,7 +193,7 @@ class VirtioNet:
                     else:
                         delivered, _ = rx.fill_from_fd(self.tap_fd, RX_HEADER)
                     if delivered:
-                        used = True
+                        used.append(rx)
                         self.stats["rx_frames"] += delivered
                     want_tap = rx.available() > 0
                 else:
@@ -209,7 +209,7 @@ class VirtioNet:
                 transport.needs_reset(f"internal error ({type(err).__name__}: {err})")
                 return False
             if used:
-                transport.signal_used()
+                transport.signal_used(*used)
             return want_tap
 
     def close(self) -> None:
