@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """virtio queue notify round trips: the ioeventfd fast path vs the exit path, next to the C VMM's exit round trip.
 
-firmware/build/net-tx.bin posts one 64-byte frame on virtio-net's TX queue, writes QueueNotify once and polls the
-used ring until the device has taken it, guest_arg times (one frame per notify). vmmd runs it in this process
+firmware/build/net-tx.bin makes one 64-byte frame available on virtio-net's TX queue, writes QueueNotify once and
+polls the used ring until the device has taken it, guest_arg times (one frame per notify; eight guest instructions
+a round trip, descriptors and avail slots written once). vmmd runs it in this process
 through the whole Machine with a tap (in the root network namespace; the frames go nowhere), on plain and
 sev-es-emu, with `eventfds` on (the QueueNotify write is a KVM ioeventfd that wakes virtio-net's I/O thread
 directly; on sev-es-emu the GHCB MMIO event still reaches vmmd, which signals the same eventfd) and off (every
@@ -11,8 +12,10 @@ counts (start-up and tear-down cancel out), best of --repeat. Reference: scripts
 exit round trip (firmware/build/exit-loop.bin), the C VMM's exit path, same run.
 
 Goals (plain): fast-path round trip >= 1.5x faster than the exit path's, and shorter than the C VMM's exit round
-trip. Both include the guest's own work per notify (filling a descriptor, polling the used ring); on hosts whose
-KVM emulates guest kernel code that work dominates (`guest_code_emulated` in the JSON). Needs root (a tap).
+trip. The C figure is a bare port write with no device behind it; a notify round trip, on either path, also
+includes the device's pass (a thread wake-up, the Python TX pass, the tap write) and the guest's own loop (on hosts
+whose KVM emulates guest kernel code, ~1 us an instruction: `guest_code_emulated` in the JSON). `*_io_path` says
+which path each run took (with /dev/vhost-net the fast path is vhost-net's kernel worker). Needs root (a tap).
 The last line of output is one JSON object.
 """
 
@@ -39,9 +42,10 @@ from common import (  # noqa: E402
 SPEEDUP_GOAL = 1.5
 
 
-def notify_loop(guest: Path, platform: str, eventfds: bool):
+def notify_loop(guest: Path, platform: str, eventfds: bool, io_paths: set[str]):
     def timed(n: int) -> float:
-        return run_vmmd_guest(guest, n, platform, net="tap", eventfds=eventfds).seconds
+        return run_vmmd_guest(guest, n, platform, net="tap", eventfds=eventfds,
+                              on_machine=lambda machine: io_paths.add(machine.io_paths()["virtio-net"])).seconds
     return timed
 
 
@@ -49,7 +53,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--low", type=int, default=1000, help="notifies in the short run")
     parser.add_argument("--high", type=int, default=6000, help="notifies in the long run")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per count (best is kept)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per count (best is kept)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("notify.py needs root (it creates a tap)", file=sys.stderr)
@@ -69,8 +73,11 @@ def main() -> int:
         print(f"  minimal C VMM port-I/O exit round trip: {c.us_per_op:8.2f} us")
         for platform in ("plain", "sev-es-emu"):
             for path, eventfds in (("fast", True), ("exit", False)):
-                rate = rate_by_difference(notify_loop(guest, platform, eventfds), args.low, args.high, args.repeat)
+                io_paths: set[str] = set()
+                rate = rate_by_difference(notify_loop(guest, platform, eventfds, io_paths), args.low, args.high,
+                                          args.repeat)
                 figures[f"{platform}_{path}_us_per_notify"] = round(rate.us_per_op, 3)
+                figures[f"{platform}_{path}_io_path"] = " / ".join(sorted(io_paths))
                 print(f"  {platform:<10} {path + ' path':<10} notify round trip: {rate.us_per_op:8.2f} us")
             figures[f"{platform}_speedup"] = round(figures[f"{platform}_exit_us_per_notify"]
                                                    / figures[f"{platform}_fast_us_per_notify"], 3)
