@@ -47,19 +47,18 @@ class TrustAnchor:
 
 @dataclasses.dataclass(frozen=True)
 class Certificates:
-    """What a set of files held, by role; each role at most once (raw bytes kept to compare duplicates)."""
+    """What a set of files held, by role; a role given twice must be the same certificate both times."""
 
     certs: dict[str, SevCert | AmdCert] = dataclasses.field(default_factory=dict)
-    raw: dict[str, bytes] = dataclasses.field(default_factory=dict)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def get(self, role: str):
         return self.certs.get(role)
 
-    def add(self, role: str, cert: SevCert | AmdCert, raw: bytes, source: str, replace: bool = False) -> None:
-        if role in self.raw and self.raw[role] != raw and not replace:
+    def add(self, role: str, cert: SevCert | AmdCert, source: str, replace: bool = False) -> None:
+        if role in self.certs and self.certs[role].encode() != cert.encode() and not replace:
             raise CertError(f"{source} and {self.sources[role]} hold two different {role} certificates")
-        self.certs[role], self.raw[role], self.sources[role] = cert, raw, source
+        self.certs[role], self.sources[role] = cert, source
 
     def missing(self) -> list[str]:
         return [role for role in ORDER if role not in self.certs]
@@ -81,20 +80,18 @@ def parse(data: bytes, source: str, into: Certificates | None = None) -> Certifi
         raise CertError(f"{source} is empty")
     while offset < len(data):
         if _looks_like_sev_cert(data, offset):
-            raw = data[offset:offset + sevcert.CERT_SIZE]
             try:
-                cert: SevCert | AmdCert = SevCert.decode(raw)
+                cert: SevCert | AmdCert = SevCert.decode(data[offset:offset + sevcert.CERT_SIZE])
             except CertError as err:
                 raise CertError(f"the certificate at byte {offset} of {source}: {err}") from None
             offset += sevcert.CERT_SIZE
         else:
             try:
-                cert, end = AmdCert.decode_from(data, offset)
+                cert, offset = AmdCert.decode_from(data, offset)
             except CertError as err:
                 raise CertError(f"byte {offset} of {source} starts neither an SEV certificate (PDH, PEK, OCA, CEK; "
                                 f"{sevcert.CERT_SIZE} bytes) nor an AMD one (ASK, ARK): {err}") from None
-            raw, offset = data[offset:end], end
-        found.add(cert.name, cert, bytes(raw), source)
+        found.add(cert.name, cert, source)
     return found
 
 
