@@ -316,3 +316,48 @@ def test_run_options_need_an_sev_platform(tmp_path: Path) -> None:
         apply_launch_options(Platform(), "0x5", None, None, False)
     with pytest.raises(Exception, match="needs the daemon"):
         apply_launch_options(Platform(), None, None, None, True)
+
+
+def test_export_on_sev_hardware_writes_the_chain_and_the_chip_id(tmp_path: Path, monkeypatch) -> None:
+    """vmctl host --export-pdh's hardware branch, with /dev/sev's two answers standing in (there is no PSP here):
+    SEV_PDH_CERT_EXPORT as a Rome machine gave it (virtee/sev's vectors, its CEK without AMD's signature, as the
+    firmware's is) and SEV_GET_ID2. The owner's session then needs the CEK AMD signed (--cek), and verifies with it."""
+    from tests.interop.test_sev_chain import _chain_bytes
+    from vmmd.cli.owner import export_pdh
+    from vmmd.sev import psp as psp_module
+
+    files = _chain_bytes("rome")
+    cek = sevcert.SevCert.decode(files["CEK"])
+    firmware_cek = dataclasses.replace(cek, sigs=(sevcert.EMPTY_SIGNATURE, sevcert.EMPTY_SIGNATURE)).encode()
+
+    class FirmwareAnswers:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def pdh_cert_export(self) -> tuple[bytes, bytes]:
+            return files["PDH"], files["PEK"] + files["OCA"] + firmware_cek
+
+        def get_id2(self) -> bytes:
+            return bytes(range(64))
+
+    monkeypatch.setattr("vmmd.platforms.sev_es_unavailable_reason", lambda: None)
+    monkeypatch.setattr(psp_module, "Psp", FirmwareAnswers)
+    lines = export_pdh(tmp_path / "pdh")
+    out = tmp_path / "pdh"
+    assert sorted(p.name for p in out.iterdir()) == ["cert_chain.cert", "chip_id.txt", "pdh.cert", "sev_chain.cert"]
+    assert (out / "chip_id.txt").read_text() == bytes(range(64)).hex().upper() + "\n"
+    assert (out / "sev_chain.cert").read_bytes() == files["PDH"] + files["PEK"] + files["OCA"] + firmware_cek
+    said = " ".join(lines)
+    assert f"https://kdsintf.amd.com/cek/id/{bytes(range(64)).hex().upper()} " in said and "--cek" in said
+    refused = _vmctl("owner", "session", "--chain", str(out / "sev_chain.cert"), "--out", str(tmp_path / "a"))
+    assert refused.exit_code == 3 and "give the one AMD's KDS signed for this chip with --cek" in refused.output
+    (tmp_path / "kds_cek.cert").write_bytes(files["CEK"])
+    ok = _vmctl("owner", "session", "--chain", str(out / "sev_chain.cert"), "--cek", str(tmp_path / "kds_cek.cert"),
+                "--out", str(tmp_path / "b"))
+    assert ok.exit_code == 0 and ": Rome (ARK key id e6002122-fb58-4193-99d1-5fee7b131351" in ok.output, ok.output
+    not_a_cek = _vmctl("owner", "session", "--chain", str(out / "sev_chain.cert"), "--cek", str(out / "pdh.cert"),
+                       "--out", str(tmp_path / "c"))
+    assert not_a_cek.exit_code == 3 and "is not one CEK certificate (it holds PDH)" in not_a_cek.output

@@ -476,8 +476,8 @@ def export_pdh(directory: Path) -> list[str]:
         if chip_id is not None:
             files[CHIP_ID_FILE] = (chip_id + "\n").encode()
             id_note = (f"the CEK in cert_chain.cert is the firmware's own, which AMD did not sign: the owner takes the "
-                       f"signed one from {KDS_CEK_URL}{chip_id[:16]}... (the whole id is in {CHIP_ID_FILE}) and gives "
-                       "it to vmctl owner session --cek")
+                       f"signed one from {KDS_CEK_URL}{chip_id} (this chip's id, also in {CHIP_ID_FILE}) and gives it "
+                       "to vmctl owner session --cek")
         notes = ["from this host's SEV firmware (SEV_PDH_CERT_EXPORT)", id_note]
     else:
         from vmmd.sev import simpsp
