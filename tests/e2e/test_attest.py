@@ -1,9 +1,10 @@
 """End to end: an attested launch on sev-es-emu through vmmd and vmctl, as a guest owner and a host run it.
 
-The owner exports the (simulated) platform's PDH, makes a session for it, the host starts a guest whose
-definition says attest = true; vmmd stops after LAUNCH_MEASURE; the owner verifies the measurement with its
-TIK against the digest `vmctl measure` predicts, builds a LAUNCH_SECRET packet, the host injects it and
-resumes, and the guest (firmware/guests/secret.c) prints the SHA-256 of what it found in its secret page.
+The host exports the (simulated) platform's PDH and certificate chain; the owner checks the chain up to the
+simulated root, given explicitly with --ca (vmctl never trusts it by default), and makes a session for the PDH;
+the host starts a guest whose definition says attest = true; vmmd stops after LAUNCH_MEASURE; the owner verifies
+the measurement with its TIK against the digest `vmctl measure` predicts, builds a LAUNCH_SECRET packet, the host
+injects it and resumes, and the guest (firmware/guests/secret.c) prints the SHA-256 of what it found in its secret page.
 Then every refusal the issue lists, each with a sentence and the paused VM unharmed. Real KVM, real
 daemon and worker processes; the simulated PSP's keys live in a temporary VMMD_SIM_PSP_DIR.
 """
@@ -46,9 +47,21 @@ def world():
     daemon = Daemon(root, group=gid)
     daemon.gid = gid
     owner = root / "owner"
-    assert _cli("host", "--export-pdh", str(root / "pdh")).returncode == 0
-    made = _cli("owner", "session", "--pdh", str(root / "pdh" / "pdh.cert"), "--policy", "0x5", "--out", str(owner))
+    exported = _cli("host", "--export-pdh", str(root / "pdh"))
+    assert exported.returncode == 0, exported.stderr
+    assert sorted(os.listdir(root / "pdh")) == ["ask_ark_simulated.cert", "cert_chain.cert", "pdh.cert",
+                                                "sev_chain.cert"]
+    # the owner checks the chain up to a root it trusts; vmmd's simulated root only because it is given (--ca)
+    chain = ["--chain", str(root / "pdh" / "sev_chain.cert")]
+    untrusted = _cli("owner", "session", *chain, "--out", str(owner))
+    assert untrusted.returncode == 3 and "not signed by the ASK of any AMD generation" in untrusted.stderr, \
+        untrusted.stderr
+    assert not owner.exists()
+    made = _cli("owner", "session", *chain, "--ca", str(root / "pdh" / "ask_ark_simulated.cert"), "--policy", "0x5",
+                "--out", str(owner))
     assert made.returncode == 0, made.stderr
+    assert "certificate chain verified" in made.stdout and "vmmd's simulated root" in made.stdout
+    assert "protects nothing against that host" in made.stderr
     (root / "secret.txt").write_bytes(SECRET)
     digest = json.loads(_cli("measure", guest("secret"), "--memory", "4M", "--json").stdout)["digest"]
     try:

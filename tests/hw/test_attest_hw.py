@@ -1,12 +1,13 @@
 """The attested launch against the real PSP (/dev/sev): the e2e workflow of tests/e2e/test_attest.py on sev-es.
 
-The guest owner takes the platform's PDH with `vmctl host --export-pdh` (SEV_PDH_CERT_EXPORT), makes a
-session for it, vmmd launches the secret guest with attest = true on platform sev-es, the owner verifies
-the measurement the firmware reported against the digest `vmctl measure` predicts for this host's C-bit,
-builds the LAUNCH_SECRET packet, and the guest prints the SHA-256 of the secret the firmware decrypted
-into its memory. A tampered header must fail in the firmware itself (SEV_RET_BAD_MEASUREMENT or the
-status the firmware gives: any refusal, the guest still waiting). Skipped, with `vmctl host`'s reason,
-where there is no SEV-ES.
+The guest owner takes the platform's PDH and chain with `vmctl host --export-pdh` (SEV_PDH_CERT_EXPORT), checks
+the chain up to the AMD root vmctl bundles (with the CEK AMD's KDS signed for this chip, from $VMMD_HW_CEK, when
+the firmware's own is not signed), makes a session for it, vmmd launches the secret guest with attest = true on
+platform sev-es, the owner verifies the measurement the firmware reported against the digest `vmctl measure`
+predicts for this host's C-bit, builds the LAUNCH_SECRET packet, and the guest prints the SHA-256 of the secret
+the firmware decrypted into its memory. A tampered header must fail in the firmware itself
+(SEV_RET_BAD_MEASUREMENT or the status the firmware gives: any refusal, the guest still waiting). Skipped, with
+`vmctl host`'s reason, where there is no SEV-ES.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from vmmd.sev.host import host_report
 
 _REPORT = host_report(memory_bytes=4 << 20)
+CEK_ENV = "VMMD_HW_CEK"  # the ASK-signed CEK of this host's chip, fetched from AMD's KDS beforehand
 pytestmark = pytest.mark.skipif(not _REPORT["sev_es_available"],
                                 reason=f"SEV-ES hardware not available: {_REPORT['sev_es_reason']}")
 REPO = Path(__file__).resolve().parents[2]
@@ -45,10 +47,26 @@ def test_attested_launch_on_the_real_psp() -> None:
     daemon = Daemon(root)
     try:
         assert _cli("host", "--export-pdh", str(root / "pdh")).returncode == 0
-        assert "cert_chain.cert" in os.listdir(root / "pdh")  # the hardware path, not the simulated PSP
+        exported = os.listdir(root / "pdh")
+        assert "cert_chain.cert" in exported and "ask_ark_simulated.cert" not in exported  # the firmware, not simpsp
         owner = root / "owner"
-        made = _cli("owner", "session", "--pdh", str(root / "pdh" / "pdh.cert"), "--out", str(owner))
-        assert made.returncode == 0, made.stderr
+        # the chain checked up to the AMD roots bundled with vmctl (no --ca); the firmware's own CEK is not signed by
+        # AMD, so the one AMD's KDS serves for this chip (https://kdsintf.amd.com/cek/id/<chip_id.txt>) is given
+        chain = ["--chain", str(root / "pdh" / "sev_chain.cert")]
+        bare = _cli("owner", "session", *chain, "--out", str(owner))
+        if bare.returncode != 0:
+            assert bare.returncode == 3 and "--cek" in bare.stderr, bare.stderr  # refused, saying what to pass
+            if not os.environ.get(CEK_ENV):
+                chip = (root / "pdh" / "chip_id.txt").read_text().strip()
+                pytest.skip(f"the firmware's CEK is not signed by AMD: set {CEK_ENV} to the CEK AMD's KDS serves at "
+                            f"https://kdsintf.amd.com/cek/id/{chip}")
+            chain += ["--cek", os.environ[CEK_ENV]]
+            made = _cli("owner", "session", *chain, "--out", str(owner))
+            assert made.returncode == 0, made.stderr
+        else:
+            made = bare
+        assert "certificate chain verified" in made.stdout and "AMD root bundled with vmmd" in made.stdout, made.stdout
+        assert "warning" not in made.stderr
         (daemon.defs / "hw.toml").write_text(
             f'firmware = "{firmware}"\nmemory = "4M"\nplatform = "sev-es"\nattest = true\ntimeout = 120\n'
             f'dh_cert = "{owner / "vm_godh.b64"}"\nsession = "{owner / "vm_session.b64"}"\n')

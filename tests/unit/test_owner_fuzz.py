@@ -1,7 +1,8 @@
 """Untrusted bytes into the owner protocol's parsers and the firmware model: only the protocol's own errors come out.
 
 A DH certificate, a session blob and a LAUNCH_SECRET packet reach vmmd from outside (the guest owner, through
-the host's files and the daemon); the secret table reaches the guest. Whatever their bytes, decoding answers
+the host's files and the daemon); the secret table reaches the guest; the platform's certificate chain reaches the
+guest owner from the host. Whatever their bytes, decoding answers
 with CertError / OwnerError and the model with SevError (a firmware status), never another exception.
 """
 
@@ -41,6 +42,36 @@ def test_certificate_decoding_only_raises_cert_error(raw: bytes) -> None:
     except sevcert.CertError:
         return
     assert cert.encode() == raw or len(raw) == sevcert.CERT_SIZE
+
+
+def _naples_full_chain() -> bytes:
+    """virtee/sev's Naples platform certificates and the bundled Naples ASK/ARK, laid out as sevctl export --full."""
+    from tests.interop.test_sev_chain import _chain_bytes
+    from vmmd.sev import amdroots
+
+    files, pair = _chain_bytes("naples"), amdroots.by_generation("naples")
+    return b"".join(files[r] for r in ("PDH", "PEK", "OCA", "CEK")) + pair.ask.encode() + pair.ark.encode()
+
+
+_FULL_CHAIN = _naples_full_chain()
+
+
+@SETTINGS
+@given(_mutated(_FULL_CHAIN), st.integers(0, len(_FULL_CHAIN)))
+def test_chain_parsing_and_checking_only_raise_cert_error(raw: bytes, cut: int) -> None:
+    """A host's chain file, altered or cut anywhere: parse() and the chain check answer with CertError, and a chain
+    verifies only if every signed byte is the original's (what no signature covers, e.g. an empty slot, may differ)."""
+    from vmmd.sev import sevchain
+
+    original = {role: cert.body() for role, cert in sevchain.parse(_FULL_CHAIN, "chain").certs.items()}
+    for data in (raw, raw[:cut]):
+        try:
+            found = sevchain.parse(data, "chain")
+            verified = sevchain.verify_certificates(found)
+        except sevcert.CertError:
+            continue
+        assert verified.generation == "Naples"
+        assert {role: cert.body() for role, cert in found.certs.items()} == original
 
 
 @SETTINGS

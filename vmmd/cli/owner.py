@@ -1,6 +1,7 @@
 """`vmctl owner`: the guest owner's side of an attested launch, usable on a machine without KVM.
 
-    vmctl owner session --pdh PDH --policy P --out DIR     GODH cert, session blob, TEK, TIK (sevctl session's files)
+    vmctl owner session --chain CHAIN --policy P --out DIR GODH cert, session blob, TEK, TIK (sevctl session's
+                                                           files), once the PDH's chain verified up to AMD's root
     vmctl owner verify --measurement M --tik FILE ...      check LAUNCH_MEASURE against the expected digest
     vmctl owner secret --tek --tik --measurement --secret  a LAUNCH_SECRET header and payload (sevctl secret build)
 
@@ -150,25 +151,48 @@ def owner_cmd() -> None:
     """The guest owner's side of an attested SEV-ES launch (needs no KVM): session, verify, secret."""
 
 
+KDS_CEK_URL = "https://kdsintf.amd.com/cek/id/"  # + the chip id (sevctl src/main.rs chain(); AMD's KDS)
+CHIP_ID_FILE = "chip_id.txt"
+NO_CHAIN = ("vmctl owner session checks the PDH's certificate chain up to AMD's root key before wrapping the TEK/TIK "
+            "to it, and was given no chain: pass --chain with the host's sev_chain.cert (vmctl host --export-pdh; "
+            "sevctl export [--full]), or --no-verify-chain to make a session the host could read")
+
+
 @owner_cmd.command("session")
-@click.option("--pdh", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="the platform's PDH certificate (sevctl export / vmctl host --export-pdh: pdh.cert)")
+@click.option("--pdh", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the platform's PDH certificate (vmctl host --export-pdh: pdh.cert); not needed when a --chain "
+                   "file holds it")
+@click.option("--chain", "chains", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
+              help="the platform's certificates, checked up to AMD's root before the session is made: "
+                   "sev_chain.cert (PDH, PEK, OCA, CEK: vmctl host --export-pdh, sevctl export), cert_chain.cert "
+                   "(PEK, OCA, CEK) or a sevctl export --full file (+ ASK, ARK); may be given more than once")
+@click.option("--pek", "peks", type=click.Path(path_type=Path, dir_okay=False), multiple=True,
+              help="the older name of --chain, read the same way (a PEK alone is no longer enough: the whole chain "
+                   "is checked)")
+@click.option("--cek", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="the CEK certificate AMD's KDS signed for this chip (" + KDS_CEK_URL + "<chip id>), in place "
+                   "of the chain's CEK: the firmware's own CEK is not signed by AMD")
+@click.option("--ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="AMD's ask_ark_<generation>.cert (ASK, then ARK) to check against, instead of the roots bundled "
+                   "with vmctl (Naples, Rome, Milan, Genoa, Turin); its ARK is then trusted: take it from AMD, "
+                   "never from the host")
+@click.option("--no-verify-chain", is_flag=True,
+              help="make the session without checking the chain (a host that gave you its own PDH can then read "
+                   "the TEK, TIK and the secret)")
 @click.option("--policy", default="0x5", show_default=True, help="guest policy: a number or flags (NODBG,NOKS,...)")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="directory to write to")
 @click.option("--name", default="vm", show_default=True, help="file name prefix, as sevctl session --name")
-@click.option("--pek", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="check that the PDH is signed by this PEK certificate (pek.cert, or a chain file starting with "
-                   "PDH, PEK: sev_chain.cert); the PEK's own chain up to AMD's keys is not checked here")
-def session_cmd(pdh: Path, policy: str, out: Path, name: str, pek: Path | None) -> None:
-    """Make a launch session for the platform whose PDH is given: NAME_godh.b64 and NAME_session.b64 for the host
-    (vmctl run --dh-cert / --session), NAME_tek.bin and NAME_tik.bin to keep."""
+def session_cmd(pdh: Path | None, chains: tuple[Path, ...], peks: tuple[Path, ...], cek: Path | None,
+                ca: Path | None, no_verify_chain: bool, policy: str, out: Path, name: str) -> None:
+    """Make a launch session for the platform whose PDH is given, once its certificate chain verified up to AMD's
+    root: NAME_godh.b64 and NAME_session.b64 for the host (vmctl run --dh-cert / --session), NAME_tek.bin and
+    NAME_tik.bin to keep."""
     from vmmd.sev import owner
 
     try:
         value = parse_policy(policy)
-        pdh_cert = _read_pdh(pdh)
-        if pek is not None:
-            _check_pek(pdh_cert, pek)
+        found, verified = _platform_certificates(pdh, chains + peks, cek, ca, no_verify_chain)
+        pdh_cert = found.get("PDH")
         made = owner.make_session(pdh_cert, value)
         directory = _out_dir(out)
         files = {f"{name}_godh.b64": (base64.b64encode(made.godh), 0o644),
@@ -183,27 +207,75 @@ def session_cmd(pdh: Path, policy: str, out: Path, name: str, pek: Path | None) 
     except (VmmdError, owner.OwnerError) as err:
         _fail(str(err))
         return
+    if verified is None:
+        click.echo("vmctl: warning: the PDH's certificate chain was not checked (--no-verify-chain): if the host gave "
+                   "you a PDH of its own, it can unwrap the TEK and TIK, forge the launch measurement and read the "
+                   "secret you inject", err=True)
+    else:
+        click.echo(f"certificate chain verified: PDH signed by PEK, PEK by OCA (self-signed) and CEK, CEK by ASK, ASK "
+                   f"by ARK (self-signed): {verified.describe()}")
+        if verified.ark.simulated:
+            click.echo(f"vmctl: warning: the chain ends at vmmd's simulated root (--ca {ca}), which vmmd made on the "
+                       "host: this session protects nothing against that host; use it only to test", err=True)
+        elif not verified.anchor.bundled:
+            click.echo(f"vmctl: warning: the ARK in {ca} is not one of AMD's roots bundled with vmctl: the chain is "
+                       "only as trustworthy as that file (AMD publishes ask_ark_<generation>.cert; never take it from "
+                       "the host)", err=True)
     click.echo(f"policy {value:#x}; session for the PDH key {pdh_cert.describe()}; wrote " +
                ", ".join(str(directory / f) for f in files))
 
 
-def _check_pek(pdh_cert, path: Path) -> None:
-    from vmmd.sev import sevcert
+def _platform_certificates(pdh: Path | None, chains: tuple[Path, ...], cek: Path | None, ca: Path | None,
+                           no_verify: bool):
+    """The certificates the owner was given, and their verified chain (None with --no-verify-chain)."""
+    from vmmd.sev import amdcert, sevcert, sevchain
 
-    data = read_file(path, "PEK certificate")
-    certs = [data[i:i + sevcert.CERT_SIZE] for i in range(0, len(data), sevcert.CERT_SIZE)]
+    found = sevchain.Certificates()
     try:
-        decoded = [sevcert.SevCert.decode(c) for c in certs]
+        if pdh is not None:
+            found.add("PDH", _read_pdh(pdh), str(pdh))
+        for path in chains:
+            _add_chain_file(found, path)
+        if cek is not None:
+            one = sevchain.parse(read_file(cek, "CEK certificate"), str(cek))
+            if list(one.certs) != ["CEK"]:
+                raise VmmdError(f"{cek} is not one CEK certificate (it holds {', '.join(one.certs)})")
+            found.add("CEK", one.certs["CEK"], str(cek), replace=True)
     except sevcert.CertError as err:
-        raise VmmdError(f"{path} is not SEV certificates: {err}") from None
-    pek = next((c for c in decoded if c.usage == sevcert.Usage.PEK), None)
-    if pek is None:
-        raise VmmdError(f"{path} holds no PEK certificate")
+        raise VmmdError(str(err)) from None
+    if found.get("PDH") is None:
+        raise VmmdError("give the platform's PDH: --pdh pdh.cert, or a --chain file that holds it (sev_chain.cert)")
+    if found.get("PDH").name != "PDH":
+        raise VmmdError(f"{pdh} is not a PDH certificate but a {found.get('PDH').name} one")
+    if no_verify:
+        return found, None
+    if not chains and cek is None:
+        raise VmmdError(NO_CHAIN)
+    roots = None
+    if ca is not None:
+        try:
+            roots = amdcert.split_ask_ark(read_file(ca, "ASK/ARK (ask_ark)"))
+        except sevcert.CertError as err:
+            raise VmmdError(f"{ca} is not an ask_ark file (ASK, then ARK, in AMD's certificate format): {err}") \
+                from None
     try:
-        sevcert.verify_signed_by(pdh_cert, pek)
+        return found, sevchain.verify_certificates(found, roots, f"the ARK in {ca}")
     except sevcert.CertError as err:
-        raise VmmdError(f"the PDH is not signed by the PEK in {path}: {err}; refusing to make a session for it") \
-            from None
+        hint = ""
+        if isinstance(err, sevchain.UnsignedCek):
+            hint = (f". A CEK as the firmware exports it is not signed by AMD: give the one AMD's KDS signed for this "
+                    f"chip with --cek ({KDS_CEK_URL}<chip id>; vmctl host --export-pdh writes the id to "
+                    f"{CHIP_ID_FILE}; sevctl export fetches it). For a generation vmctl does not bundle, or vmmd's "
+                    "simulated PSP, give its ASK and ARK with --ca")
+        raise VmmdError(f"the PDH's certificate chain does not verify: {err}{hint}; refusing to make a session for "
+                        "this PDH") from None
+
+
+def _add_chain_file(found, path: Path) -> None:
+    from vmmd.sev import sevchain
+
+    data = read_file(path, "certificate chain")
+    sevchain.parse(data, str(path), found)
 
 
 def _seen_file(tik: Path) -> Path:
@@ -381,35 +453,48 @@ def apply_launch_options(platform, policy: str | None, dh_cert: str | None, sess
 
 
 def export_pdh(directory: Path) -> list[str]:
-    """`vmctl host --export-pdh DIR`: the platform's PDH certificate for a guest owner (sevctl export's role).
+    """`vmctl host --export-pdh DIR`: the platform's certificates for a guest owner (sevctl export's role).
 
     With SEV hardware: SEV_PDH_CERT_EXPORT, written as pdh.cert, cert_chain.cert (PEK ‖ OCA ‖ CEK, as the
-    firmware returns it) and sev_chain.cert (PDH first: sevctl export's layout). Without: the simulated PSP's
-    (vmmd/sev/simpsp.py) pdh.cert and pek.cert."""
+    firmware returns it) and sev_chain.cert (PDH first: sevctl export's layout), and the chip id (SEV_GET_ID2,
+    hex as sevctl show identifier prints it) for fetching the CEK AMD signed. Without: the simulated PSP's
+    (vmmd/sev/simpsp.py) same three files and its simulated ASK and ARK, ask_ark_simulated.cert."""
     from vmmd.platforms import sev_es_unavailable_reason
 
     reason = sev_es_unavailable_reason()
     if reason is None:
-        from vmmd.sev.psp import Psp
+        from vmmd.sev.psp import Psp, SevError
 
         with Psp() as psp:
             pdh, chain = psp.pdh_cert_export()
+            try:
+                chip_id = psp.get_id2().hex().upper()
+            except SevError as err:
+                chip_id, id_note = None, f"no chip id ({err}): without it the CEK AMD signed cannot be fetched"
         # and sevctl export's file: PDH ‖ PEK ‖ OCA ‖ CEK (virtee/sev certs/sev/sev/chain.rs Chain encoding)
         files = {"pdh.cert": pdh, "cert_chain.cert": chain, "sev_chain.cert": pdh + chain}
-        note = "from this host's SEV firmware (SEV_PDH_CERT_EXPORT)"
+        if chip_id is not None:
+            files[CHIP_ID_FILE] = (chip_id + "\n").encode()
+            id_note = (f"the CEK in cert_chain.cert is the firmware's own, which AMD did not sign: the owner takes the "
+                       f"signed one from {KDS_CEK_URL}{chip_id} (this chip's id, also in {CHIP_ID_FILE}) and gives it "
+                       "to vmctl owner session --cek")
+        notes = ["from this host's SEV firmware (SEV_PDH_CERT_EXPORT)", id_note]
     else:
         from vmmd.sev import simpsp
 
-        sim = simpsp.load()
-        files = {"pdh.cert": sim.pdh_cert(), "pek.cert": sim.pek_cert()}
-        note = f"no SEV-ES here ({reason}): this is the {simpsp.NOTE}"
+        sim = simpsp.load().chain()
+        files = {"pdh.cert": sim.pdh, "cert_chain.cert": sim.cert_chain, "sev_chain.cert": sim.pdh + sim.cert_chain,
+                 simpsp.ASK_ARK_FILE: sim.ask_ark}
+        notes = [f"no SEV-ES here ({reason}): this is the {simpsp.NOTE}",
+                 f"{simpsp.ASK_ARK_FILE} holds vmmd's simulated ASK and ARK, not AMD's: vmctl owner session trusts "
+                 "that root only when given it with --ca"]
     target = _out_dir(directory)
     for name in files:
         if (target / name).exists():
             raise VmmdError(f"{target / name} exists already: vmctl never replaces a file; choose another directory")
     for name, data in files.items():
         _write_new(target / name, data)
-    return [f"wrote {', '.join(str(target / n) for n in files)}", note]
+    return [f"wrote {', '.join(str(target / n) for n in files)}", *notes]
 
 
 __all__ = ["owner_cmd", "parse_policy", "load_dh_cert", "load_session", "ExitCode"]

@@ -13,14 +13,18 @@ field is little-endian, big numbers included (x, y, r, s are stored least signif
     0x414  signature 1 (0x208 bytes): u32 usage, u32 algorithm, r[72], s[72], zeros to 512
     0x61C  signature 2, the same (an empty slot has usage 0x1000, algorithm 0)
 
-The body a signature covers is bytes 0x000..0x414 (virtee/sev Encoder<Body>). Only ECC keys are
-built here; RSA keys (ARK/ASK) are never a PDH.
+An RSA signature (the ASK's over a CEK, RSA_SHA256 / RSA_SHA384) fills the slot's 512-byte union with one
+little-endian number (virtee sig/rsa.rs). The body a signature covers is bytes 0x000..0x414 as they are in
+the certificate (virtee/sev Encoder<Body> saves the body struct itself, padding included), so a decoded
+certificate keeps its bytes. Only ECC keys are built here; the RSA keys of AMD's ARK/ASK have their own format
+(amdcert.py), and a PDH, PEK, OCA or CEK is always ECC.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import struct
 
 from cryptography.exceptions import InvalidSignature
@@ -67,6 +71,8 @@ class Curve(enum.IntEnum):
 
 _CURVES = {Curve.P256: (ec.SECP256R1, 32), Curve.P384: (ec.SECP384R1, 48)}
 _ECC_ALGOS = (Algo.ECDSA_SHA256, Algo.ECDH_SHA256, Algo.ECDSA_SHA384, Algo.ECDH_SHA384)
+RSA_ALGOS = (Algo.RSA_SHA256, Algo.RSA_SHA384)
+_RSA_SIG_SIZE = 512  # virtee sig/rsa.rs Signature([u8; 512])
 
 
 class CertError(ValueError):
@@ -79,10 +85,13 @@ def _le(value: int, size: int = _NUM_SIZE) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Signature:
+    """One signature slot: ECDSA (r, s) or, for RSA algorithms, the one number `rsa` (r = s = 0)."""
+
     usage: int
     algo: int
     r: int
     s: int
+    rsa: int = 0
 
     @property
     def empty(self) -> bool:
@@ -91,6 +100,8 @@ class Signature:
             self.algo not in (Algo.RSA_SHA256, Algo.RSA_SHA384, Algo.ECDSA_SHA256, Algo.ECDSA_SHA384)
 
     def encode(self) -> bytes:
+        if self.algo in RSA_ALGOS:
+            return struct.pack("<II", self.usage, self.algo) + _le(self.rsa, _RSA_SIG_SIZE)
         raw = struct.pack("<II", self.usage, self.algo) + _le(self.r) + _le(self.s)
         return raw.ljust(_SIG_SIZE, b"\0")
 
@@ -110,8 +121,12 @@ class SevCert:
     api_major: int = 0
     api_minor: int = 0
     sigs: tuple[Signature, Signature] = (EMPTY_SIGNATURE, EMPTY_SIGNATURE)
+    # the body as decoded (what its signatures cover); None for a certificate built here
+    signed_body: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def body(self) -> bytes:
+        if self.signed_body is not None:
+            return self.signed_body
         key = struct.pack("<I", self.curve) + _le(self.x) + _le(self.y)
         raw = struct.pack("<IBBHII", 1, self.api_major, self.api_minor, 0, self.usage, self.algo)
         return raw + key.ljust(_KEY_UNION_SIZE, b"\0")
@@ -137,10 +152,14 @@ class SevCert:
         sigs = []
         for offset in (BODY_SIZE, BODY_SIZE + _SIG_SIZE):
             s_usage, s_algo = struct.unpack_from("<II", raw, offset)
+            if s_algo in RSA_ALGOS:
+                sigs.append(Signature(s_usage, s_algo, 0, 0,
+                                      int.from_bytes(raw[offset + 8:offset + 8 + _RSA_SIG_SIZE], "little")))
+                continue
             r = int.from_bytes(raw[offset + 8:offset + 8 + _NUM_SIZE], "little")
             s = int.from_bytes(raw[offset + 8 + _NUM_SIZE:offset + 8 + 2 * _NUM_SIZE], "little")
             sigs.append(Signature(s_usage, s_algo, r, s))
-        cert = cls(usage, algo, curve, x, y, major, minor, (sigs[0], sigs[1]))
+        cert = cls(usage, algo, curve, x, y, major, minor, (sigs[0], sigs[1]), bytes(raw[:BODY_SIZE]))
         cert.public_key()  # the point must be on the curve
         return cert
 
@@ -151,10 +170,22 @@ class SevCert:
         except ValueError:
             raise CertError("the certificate's public key is not a point on its curve") from None
 
+    @property
+    def name(self) -> str:
+        return Usage(self.usage).name if self.usage in Usage._value2member_map_ else f"usage {self.usage:#x}"
+
     def describe(self) -> str:
-        usage = Usage(self.usage).name if self.usage in Usage._value2member_map_ else f"{self.usage:#x}"
         algo = Algo(self.algo).name if self.algo in Algo._value2member_map_ else f"{self.algo:#x}"
-        return f"{usage} {algo} {Curve(self.curve).name}"
+        return f"{self.name} {algo} {Curve(self.curve).name}"
+
+    def fingerprint(self) -> str:
+        """As `sevctl verify` prints it (virtee/sev sev/cert/mod.rs Display, crypto.rs PublicKey Display):
+        usage, EP<curve bits> and E<hash bits> for a signing key or D<hash bits> for a PDH, then the hash of the
+        body in the key algorithm's hash."""
+        bits = 384 if self.curve == Curve.P384 else 256
+        kind = "D" if self.usage == Usage.PDH else "E"
+        return f"{self.name} EP{bits} {kind}{_hash_for(self.algo).digest_size * 8} " + \
+            hashlib.new(_hash_for(self.algo).name, self.body()).hexdigest()
 
 
 def cert_from_key(key: ec.EllipticCurvePublicKey, usage: Usage, algo: Algo, api_major: int = 0,
@@ -190,10 +221,14 @@ def sign(cert: SevCert, signer: ec.EllipticCurvePrivateKey, signer_usage: Usage,
 
 
 def verify_signed_by(cert: SevCert, signer: SevCert) -> None:
-    """Raise CertError unless one of `cert`'s signatures is `signer`'s (usage, hash and ECDSA check)."""
+    """Raise CertError unless one of `cert`'s signatures is `signer`'s, as virtee/sev crypto.rs PublicKey::verify
+    checks a slot: the slot's usage is the signer's, an ECDSA algorithm whose hash is the signer's key algorithm's,
+    and the ECDSA signature verifies over the body."""
     key = signer.public_key()
     for sig in cert.sigs:
         if sig.empty or sig.usage != signer.usage or sig.algo not in (Algo.ECDSA_SHA256, Algo.ECDSA_SHA384):
+            continue
+        if _hash_for(sig.algo).name != _hash_for(signer.algo).name:
             continue
         try:
             key.verify(encode_dss_signature(sig.r, sig.s), cert.body(), ec.ECDSA(_hash_for(sig.algo)))
