@@ -45,7 +45,6 @@ SMALL_BATCH = 4  # TX batches up to this many chains skip the vectorised path (d
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 assert DESC_DTYPE.itemsize == 16
 _unpack_desc = struct.Struct("<QIHH").unpack_from  # struct virtq_desc, for one descriptor (no numpy call)
-_CHAIN_FLAGS = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_WRITE  # anything but one readable buffer
 
 # errnos a tap write may answer for one bad frame; the frame is dropped, the queue goes on
 _DROP_ERRNOS = (errno.EINVAL, errno.EIO, errno.ENOBUFS, errno.EAGAIN, errno.EMSGSIZE, errno.EFAULT, errno.ENOMEM)
@@ -239,30 +238,12 @@ class Virtqueue:
         return 0
 
     def _drain_few(self, fd: int, skip: int, n: int) -> tuple[int, int]:
-        """drain_to_fd() for a handful of chains, in plain Python. A chain of one device-readable descriptor within
-        max_chain_bytes (what Linux and vmmd's guests post) is checked here with split_chain()'s checks for that
-        case - the buffer inside the DMA windows - and written straight from the window; any other goes through
-        _write_chain()'s walk."""
+        """drain_to_fd() for a handful of chains, in plain Python: each chain walked and checked by chain()."""
         dropped = 0
         self.visited = 0
-        desc, limit, buffer = self._desc_bytes, self.max_chain_bytes, self.windows.buffer
         for _ in range(n):
             head = self._head(self.last_avail)
-            addr, length, flags, _next = _unpack_desc(desc, 16 * head)
-            if flags & _CHAIN_FLAGS or length > limit:
-                dropped += self._write_chain(fd, head, skip)
-            else:
-                self.visited += 1
-                frame = buffer(addr, length) if length else None  # VirtqueueError outside the windows
-                if length <= skip:
-                    dropped += 1  # nothing after the header: not a frame
-                else:
-                    try:
-                        os.write(fd, frame[skip:])
-                    except OSError as err:
-                        if err.errno not in _DROP_ERRNOS:
-                            raise
-                        dropped += 1
+            dropped += self._write_chain(fd, head, skip)
             self.last_avail = (self.last_avail + 1) & 0xFFFF
             self.push_used(head, 0)
         return n, dropped
