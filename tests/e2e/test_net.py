@@ -71,11 +71,11 @@ class UdpResponder:
 
 
 def run_in_netns(ns: str, platform: str, net: str, image: str = "net", timeout: float = 40,
-                 eventfds: str = "auto"):
+                 eventfds: str = "auto", extra: tuple[str, ...] = ()):
     from pyroute2 import netns
 
     return subprocess.run([sys.executable, "-m", "vmmd.cli", "run", guest(image), "-p", platform, "-t", "30",
-                           "--net", net, "--eventfds", eventfds], preexec_fn=lambda: netns.setns(ns),
+                           "--net", net, "--eventfds", eventfds, *extra], preexec_fn=lambda: netns.setns(ns),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -209,13 +209,8 @@ def test_benchmark_guest_frames_all_reach_the_tap(netns_name, platform: str, per
 
     capture = in_netns(netns_name, make)
     try:
-        from pyroute2 import netns
-
-        proc = subprocess.run([sys.executable, "-m", "vmmd.cli", "run", guest("net-tx"), "-p", platform, "-t", "60",
-                               "--net", "tap,host-ip=10.0.2.2/24", "--eventfds", eventfds,
-                               "--guest-arg", str(per_notify << 32 | frames)],
-                              preexec_fn=lambda: netns.setns(netns_name), capture_output=True, text=True,
-                              timeout=100, cwd=REPO)
+        proc = run_in_netns(netns_name, platform, "tap,host-ip=10.0.2.2/24", "net-tx", eventfds=eventfds,
+                            extra=("--guest-arg", str(per_notify << 32 | frames)))
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out
         via = "GHCB MMIO" if platform == "sev-es-emu" else "MMIO"
