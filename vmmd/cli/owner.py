@@ -94,9 +94,12 @@ def _read_pdh(path: Path):
 
         data = decode_base64_file(data, path, "PDH certificate", sevcert.CERT_SIZE)
     try:
-        return sevcert.SevCert.decode(data)
+        cert = sevcert.SevCert.decode(data)
     except sevcert.CertError as err:
         raise VmmdError(f"{path} is not an SEV PDH certificate: {err}") from None
+    if cert.name != "PDH":
+        raise VmmdError(f"{path} is not a PDH certificate but a {cert.name} one")
+    return cert
 
 
 def read_measurement(text: str) -> tuple[bytes, dict]:
@@ -235,7 +238,7 @@ def _platform_certificates(pdh: Path | None, chains: tuple[Path, ...], cek: Path
         if pdh is not None:
             found.add("PDH", _read_pdh(pdh), str(pdh))
         for path in chains:
-            _add_chain_file(found, path)
+            sevchain.parse(read_file(path, "certificate chain"), str(path), found)
         if cek is not None:
             one = sevchain.parse(read_file(cek, "CEK certificate"), str(cek))
             if list(one.certs) != ["CEK"]:
@@ -245,8 +248,6 @@ def _platform_certificates(pdh: Path | None, chains: tuple[Path, ...], cek: Path
         raise VmmdError(str(err)) from None
     if found.get("PDH") is None:
         raise VmmdError("give the platform's PDH: --pdh pdh.cert, or a --chain file that holds it (sev_chain.cert)")
-    if found.get("PDH").name != "PDH":
-        raise VmmdError(f"{pdh} is not a PDH certificate but a {found.get('PDH').name} one")
     if no_verify:
         return found, None
     if not chains and cek is None:
@@ -269,13 +270,6 @@ def _platform_certificates(pdh: Path | None, chains: tuple[Path, ...], cek: Path
                     "simulated PSP, give its ASK and ARK with --ca")
         raise VmmdError(f"the PDH's certificate chain does not verify: {err}{hint}; refusing to make a session for "
                         "this PDH") from None
-
-
-def _add_chain_file(found, path: Path) -> None:
-    from vmmd.sev import sevchain
-
-    data = read_file(path, "certificate chain")
-    sevchain.parse(data, str(path), found)
 
 
 def _seen_file(tik: Path) -> Path:

@@ -28,7 +28,6 @@ from vmmd.sev.amdcert import AmdCert
 from vmmd.sev.sevcert import CertError, SevCert
 
 _SEV_USAGES = (sevcert.Usage.OCA, sevcert.Usage.PEK, sevcert.Usage.PDH, sevcert.Usage.CEK)
-ORDER = ("PDH", "PEK", "OCA", "CEK", "ASK", "ARK")  # sevctl export --full's order
 
 
 class UnsignedCek(CertError):
@@ -59,9 +58,6 @@ class Certificates:
         if role in self.certs and self.certs[role].encode() != cert.encode() and not replace:
             raise CertError(f"{source} and {self.sources[role]} hold two different {role} certificates")
         self.certs[role], self.sources[role] = cert, source
-
-    def missing(self) -> list[str]:
-        return [role for role in ORDER if role not in self.certs]
 
 
 def _looks_like_sev_cert(data: bytes, offset: int) -> bool:
