@@ -50,6 +50,12 @@ SIMULATED_ID_PREFIX = b"vmmd-sim-"
 NAPLES_ARK_ID = bytes.fromhex("1bb987c359494606b174945601c9ea5b")
 
 
+def hash_for_bits(bits: int) -> hashes.HashAlgorithm:
+    """The hash an AMD RSA key's signatures use: SHA-256 for RSA-2048 (Naples), SHA-384 for RSA-4096 (virtee
+    `impl From<Size> for MessageDigest`)."""
+    return hashes.SHA256() if bits == 2048 else hashes.SHA384()
+
+
 class Usage(enum.IntEnum):
     """Key usage of an AMD certificate (SEV API, table "Key Usage")."""
 
@@ -86,7 +92,7 @@ class AmdCert:
 
     @property
     def hash(self) -> hashes.HashAlgorithm:
-        return hashes.SHA256() if self.modulus_bits == 2048 else hashes.SHA384()
+        return hash_for_bits(self.modulus_bits)
 
     @property
     def simulated(self) -> bool:
@@ -188,8 +194,7 @@ def rsa_pss_verify(signer: AmdCert, signature: int, message: bytes) -> bool:
 
 def rsa_pss_sign(private: rsa.RSAPrivateKey, message: bytes) -> int:
     """The integer to store (little-endian) as an RSA-PSS signature by `private` (vmmd's simulated keys)."""
-    bits = private.key_size
-    hash_algorithm: hashes.HashAlgorithm = hashes.SHA256() if bits == 2048 else hashes.SHA384()
+    hash_algorithm = hash_for_bits(private.key_size)
     return int.from_bytes(private.sign(message, _pss(hash_algorithm), hash_algorithm), "big")
 
 
