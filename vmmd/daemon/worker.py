@@ -209,12 +209,7 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     if paused is not None:
         ended = serve_paused(sock, machine, paused, MAX_MESSAGE, MSG_STOP)
         if ended is not None:
-            try:
-                _send_json(sock, MSG_RESULT, ended)
-            except OSError:
-                pass
-            machine.close()
-            return ended["exit_code"] & 0xFF
+            return _report_end(sock, machine, ended)
     done = threading.Event()
     input_stats = {"received": 0}  # console input bytes received; paced.stored: those the UART took
     paced = PacedInput(machine.uart)
@@ -254,6 +249,11 @@ def run_worker(sock: socket.socket, warm: bool = True) -> int:
     done.set()
     paced.close()
     console.flush()
+    return _report_end(sock, machine, payload)
+
+
+def _report_end(sock, machine, payload: dict) -> int:
+    """The guest's end to vmmd (which may be gone already), then the machine closed; the worker's exit status."""
     try:
         _send_json(sock, MSG_RESULT, payload)
     except OSError:
